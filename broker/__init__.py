@@ -1,0 +1,1 @@
+"""The zembed broker: frontend ROUTER for clients, backend ROUTER for engines, one poll loop."""

@@ -1,0 +1,362 @@
+"""The broker process: sockets and the poll loop around :class:`BrokerState`.
+
+One thread, one ``zmq.Poller``. Every send is ``DONTWAIT`` with ``ROUTER_MANDATORY`` on, so a
+vanished or slow peer raises instead of blocking; the poll timeout never exceeds the next
+timer (deadline, heartbeat, expiry). The loop reads as mdbroker's ``mediate``: poll, process
+clients, process engines, answer expired, purge dead engines, send heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import zmq
+
+from zembed import __version__
+from zembed import protocol as p
+from zembed.broker.state import BrokerState, Engine, Inflight
+from zembed.cache.bf16 import from_bf16
+from zembed.config import BrokerConfig
+from zembed.errors import BadRequest, ZembedError
+from zembed.messages import (
+    Limits,
+    packb,
+    parse_embed_header,
+    parse_items,
+    reply_header,
+    request_id,
+    unpack_header,
+)
+
+log = logging.getLogger("zembed.broker")
+
+#: Messages drained from one socket per loop turn, so neither side starves the other.
+DRAIN_BATCH = 512
+_EMPTY = b""
+
+
+class Broker:
+    """A zembed broker bound to its frontend and backend endpoints.
+
+    :param cfg: the broker's configuration.
+    :param ctx: ZeroMQ context to use (a new one by default; tests may share theirs).
+    """
+
+    def __init__(self, cfg: BrokerConfig, ctx: zmq.Context[Any] | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context()
+        self.limits = Limits(cfg.max_items, cfg.max_item_bytes, cfg.max_request_bytes,
+                             cfg.default_deadline_ms, cfg.max_deadline_ms)
+        self.lane_kinds = {lane: p.LANE_KINDS.get(lane, frozenset({lane})) for lane in cfg.lanes}
+        self.state = BrokerState(cfg.lanes, heartbeat_interval_s=cfg.heartbeat_interval_ms / 1000,
+                                 liveness=cfg.heartbeat_liveness)
+        self.frontend = self._router(max_message_bytes=cfg.max_message_bytes)
+        self.backend = self._router(max_message_bytes=-1)
+        self.started = time.monotonic()
+        self.counters = {"client_gone": 0, "bad_client_frames": 0, "bad_engine_frames": 0}
+        self.latencies_ms: dict[str, deque[float]] = {lane: deque(maxlen=4096) for lane in cfg.lanes}
+        self._running = False
+
+    def _router(self, *, max_message_bytes: int) -> zmq.Socket[Any]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # Credits bound what we queue per engine; clients are bounded by their own pipelining.
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        return sock
+
+    def bind(self) -> None:
+        """Bind both sockets; endpoints come from the config."""
+        self.frontend.bind(self.cfg.frontend)
+        self.backend.bind(self.cfg.backend)
+        log.info("broker %s: clients on %s, engines on %s, lanes %s", __version__,
+                 self.cfg.frontend, self.cfg.backend, ",".join(self.cfg.lanes))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until :meth:`stop` is called (from a signal handler or another thread)."""
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        self._running = True
+        while self._running:
+            timeout_ms = math.ceil(self.state.next_timer(time.monotonic()) * 1000)
+            events = dict(poller.poll(max(1, timeout_ms)))
+            if self.frontend in events:
+                self.process_clients()
+            if self.backend in events:
+                self.process_engines()
+            now = time.monotonic()
+            self.answer_expired(now)
+            self.purge_dead_engines(now)
+            self.send_heartbeats(now)
+        self.shutdown()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current turn and shut down."""
+        self._running = False
+
+    def shutdown(self) -> None:
+        """Answer everything in flight with 503, tell engines, close the sockets."""
+        for token in list(self.state.inflight):
+            req = self.state.inflight.pop(token)
+            if not req.answered:
+                self.reply_error(req.client, req.request_id, req.lane, p.UNAVAILABLE,
+                                 "broker shutting down", req.n)
+        for engine in list(self.state.engines.values()):
+            self.send_engine(engine.identity, p.DISCONNECT, {"reason": "broker shutting down"})
+        self.frontend.close(linger=0)
+        self.backend.close(linger=0)
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def process_clients(self) -> None:
+        """Drain and answer (or dispatch) what clients sent."""
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.handle_client(frames)
+
+    def handle_client(self, frames: list[zmq.Frame]) -> None:
+        """Validate one client message and reply or dispatch; errors become statuses."""
+        identity = frames[0].bytes
+        rid: int | None = None
+        lane: str | None = None
+        n = 0
+        try:
+            if len(frames) < 3 or frames[1].bytes != p.CLIENT_PROTO:
+                raise BadRequest(f"expected frames [{p.CLIENT_PROTO!r}, header, body]")
+            header = unpack_header(frames[2].bytes)
+            rid = request_id(header)
+            if rid is None:
+                raise BadRequest("header field 'id' must be an unsigned 64-bit integer")
+            op = header.get("op", p.OP_EMBED)
+            if op in p.MANAGEMENT_OPS and len(frames) in (3, 4):
+                self.answer_management(identity, rid, op)
+                return
+            if op != p.OP_EMBED:
+                raise BadRequest(f"unknown op {op!r:.40}")
+            if len(frames) != 4:
+                raise BadRequest(f"an embed request has 3 frames, got {len(frames) - 1}")
+            lane, kind, normalize, dtype, deadline_ms, n, input_type = parse_embed_header(
+                header, self.lane_kinds, self.limits)
+            parse_items(frames[3].buffer, kind, n, self.limits)
+            self.dispatch(identity, rid, lane, kind, normalize, dtype, deadline_ms, n,
+                          input_type, frames[3])
+        except ZembedError as exc:
+            if exc.status == p.BAD_REQUEST:
+                self.counters["bad_client_frames"] += 1
+            retry = getattr(exc, "retry_after", None)
+            self.reply_error(identity, rid, lane, exc.status, exc.message, n,
+                             retry_after_ms=None if retry is None else math.ceil(retry * 1000))
+
+    def dispatch(
+        self, identity: bytes, rid: int, lane: str, kind: str, normalize: bool, dtype: str,
+        deadline_ms: int, n: int, input_type: str | None, body: zmq.Frame,
+    ) -> None:
+        """Admit by credits and send the request to the engine with the most free credits."""
+        now = time.monotonic()
+        engine = self.state.admit(lane, n, now)
+        req = self.state.dispatch(engine, identity, rid, n, dtype, now + deadline_ms / 1000, now)
+        header = {"tok": req.token, "kind": kind, "normalize": normalize, "n": n,
+                  "deadline_ms": deadline_ms}
+        if input_type is not None:
+            header["input_type"] = input_type
+        if not self.send_engine(engine.identity, p.REQUEST, header, body):
+            self.engine_lost(engine.identity, "unreachable")
+
+    def answer_management(self, identity: bytes, rid: int, op: str) -> None:
+        """Answer ping/health/ready/stats at once from the loop's own state."""
+        now = time.monotonic()
+        body: dict[str, Any] = {"version": __version__, "uptime_s": round(now - self.started, 3)}
+        status, error = p.OK, None
+        if op == p.OP_READY:
+            missing = self.state.missing_lanes()
+            body["ready"] = not missing
+            body["missing"] = missing
+            if missing:
+                status, error = p.UNAVAILABLE, f"no live engine for lane(s): {', '.join(missing)}"
+        elif op == p.OP_STATS:
+            body.update(self.stats_snapshot(now))
+        elif op == p.OP_HEALTH:
+            body["status"] = "ok"
+        self.send_client(identity, [p.CLIENT_PROTO, reply_header(rid, status, error=error),
+                                    packb(body)])
+
+    def stats_snapshot(self, now: float) -> dict[str, Any]:
+        """State snapshot plus broker counters and latency percentiles per lane."""
+        snap = self.state.snapshot(now)
+        for lane, lat in self.latencies_ms.items():
+            if lat:
+                q = np.percentile(np.fromiter(lat, dtype=np.float64), [50, 90, 99])
+                snap["lanes"][lane]["latency_ms"] = {
+                    "p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3),
+                    "p99": round(float(q[2]), 3), "window": len(lat)}
+        snap["counters"] = dict(self.counters)
+        return snap
+
+    def reply_error(
+        self, identity: bytes, rid: int | None, lane: str | None, status: int, error: str,
+        n: int, *, retry_after_ms: int | None = None,
+    ) -> None:
+        """Send an error reply (empty body) and count it under its lane."""
+        self.state.count(lane, status, n)
+        header = reply_header(rid, status, error=error, retry_after_ms=retry_after_ms)
+        self.send_client(identity, [p.CLIENT_PROTO, header, _EMPTY])
+
+    def send_client(self, identity: bytes, frames: list[Any]) -> None:
+        """Send to a client without ever blocking; a vanished client is counted, not fatal."""
+        try:
+            self.frontend.send_multipart([identity, *frames], zmq.DONTWAIT, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            self.counters["client_gone"] += 1
+
+    # -- engines ---------------------------------------------------------------------------
+
+    def process_engines(self) -> None:
+        """Drain and handle what engines sent."""
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.handle_engine(frames)
+
+    def handle_engine(self, frames: list[zmq.Frame]) -> None:
+        """Dispatch one engine message by command; an unknown engine is told to re-register."""
+        identity = frames[0].bytes
+        if len(frames) < 3 or frames[1].bytes != p.ENGINE_PROTO:
+            self.counters["bad_engine_frames"] += 1
+            return
+        cmd = frames[2].bytes
+        now = time.monotonic()
+        try:
+            header = unpack_header(frames[3].bytes) if len(frames) > 3 else {}
+        except BadRequest:
+            self.counters["bad_engine_frames"] += 1
+            return
+        if cmd == p.READY:
+            self.register_engine(identity, header, now)
+            return
+        if cmd == p.DISCONNECT:
+            self.engine_lost(identity, "disconnected")
+            return
+        engine = self.state.touch(identity, now)
+        if engine is None:
+            # An engine of an earlier broker life (or one we dropped): make it start over.
+            if cmd == p.REPLY:
+                self.state.late_replies += 1
+            self.send_engine(identity, p.DISCONNECT, {"reason": "not registered"})
+        elif cmd == p.REPLY and len(frames) == 5:
+            self.handle_reply(engine, header, frames[4], now)
+        elif cmd != p.HEARTBEAT:
+            self.counters["bad_engine_frames"] += 1
+
+    def register_engine(self, identity: bytes, header: dict[str, Any], now: float) -> None:
+        """Admit an engine from READY, or tell it why not (DISCONNECT with a reason)."""
+        try:
+            engine = self.state.register(identity, header, now)
+        except BadRequest as exc:
+            log.warning("refused engine %s: %s", identity.hex(), exc.message)
+            self.send_engine(identity, p.DISCONNECT, {"reason": exc.message})
+            return
+        log.info("engine %s joined lane %s: %s dim=%d credits=%d", identity.hex(), engine.lane,
+                 engine.info.get("model"), engine.dim, engine.credits_total)
+
+    def handle_reply(self, engine: Engine, header: dict[str, Any], body: zmq.Frame,
+                     now: float) -> None:
+        """Return credits and forward the engine's answer to its client (unless already 504)."""
+        token = header.get("tok")
+        req = self.state.complete(engine.identity, token, now) if isinstance(token, int) else None
+        if req is None or req.answered:
+            return
+        status = header.get("status")
+        if status != p.OK:
+            status = status if status in p.STATUSES else p.ENGINE_ERROR
+            self.reply_error(req.client, req.request_id, req.lane, status,
+                             str(header.get("error", "engine error")), req.n)
+            return
+        buf = body.buffer
+        if len(buf) != req.n * engine.dim * 2:
+            self.reply_error(req.client, req.request_id, req.lane, p.ENGINE_ERROR,
+                             f"engine sent {len(buf)} bytes for {req.n}x{engine.dim} bf16", req.n)
+            return
+        out: Any = body
+        if req.dtype == p.DTYPE_F32:
+            out = from_bf16(np.frombuffer(buf, dtype="<u2")).tobytes()
+        rh = reply_header(req.request_id, p.OK, dtype=req.dtype, shape=(req.n, engine.dim),
+                          item_errors=header.get("item_errors"))
+        self.state.count(req.lane, p.OK, req.n)
+        self.latencies_ms[req.lane].append((now - req.started) * 1000)
+        self.send_client(req.client, [p.CLIENT_PROTO, rh, out])
+
+    def send_engine(self, identity: bytes, cmd: bytes, header: dict[str, Any] | None = None,
+                    body: Any = None) -> bool:
+        """Send a command to an engine; False if it is unreachable (gone or not reading)."""
+        frames: list[Any] = [identity, p.ENGINE_PROTO, cmd]
+        if header is not None:
+            frames.append(packb(header))
+        if body is not None:
+            frames.append(body)
+        try:
+            self.backend.send_multipart(frames, zmq.DONTWAIT, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            return False
+        return True
+
+    def engine_lost(self, identity: bytes, why: str) -> None:
+        """Remove an engine and answer its in-flight requests with 503 at once."""
+        engine = self.state.engines.get(identity)
+        lost: list[Inflight] = self.state.remove(identity)
+        if engine is not None:
+            log.warning("engine %s of lane %s lost (%s); %d request(s) answered 503",
+                        identity.hex(), engine.lane, why, len(lost))
+        for req in lost:
+            self.reply_error(req.client, req.request_id, req.lane, p.UNAVAILABLE,
+                             f"engine lost ({why}) with the request in flight; safe to retry", req.n)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def answer_expired(self, now: float) -> None:
+        """504 for requests past their deadline; their credits stay held until the engine answers."""
+        for req in self.state.expire(now):
+            self.reply_error(req.client, req.request_id, req.lane, p.DEADLINE_EXCEEDED,
+                             "deadline exceeded while the engine was computing", req.n)
+
+    def purge_dead_engines(self, now: float) -> None:
+        """Declare engines silent for the liveness period dead."""
+        for identity in self.state.dead_engines(now):
+            self.engine_lost(identity, "heartbeat expired")
+
+    def send_heartbeats(self, now: float) -> None:
+        """Heartbeat engines we sent nothing to for one interval; unreachable ones are lost."""
+        for engine in self.state.heartbeat_due(now):
+            if not self.send_engine(engine.identity, p.HEARTBEAT):
+                self.engine_lost(engine.identity, "unreachable")
+
+
+def serve(cfg: BrokerConfig) -> None:
+    """Run a broker in this process until SIGINT or SIGTERM."""
+    broker = Broker(cfg)
+    broker.bind()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: broker.stop())
+    try:
+        broker.run()
+    finally:
+        broker.ctx.term()

@@ -1,0 +1,285 @@
+"""Broker state without sockets: engines per lane, credits, the in-flight table, deadlines.
+
+The poll loop (:mod:`zembed.broker.server`) feeds events in and sends what these methods
+return; everything that decides *who gets what* lives here and is unit-tested on its own.
+All times are ``time.monotonic()`` seconds passed in by the caller, so tests control the clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from zembed import protocol as p
+from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
+
+#: Window over which a lane's completion rate is measured for ``retry_after_ms``.
+RATE_WINDOW_S = 2.0
+
+
+@dataclass(slots=True)
+class Engine:
+    """One registered engine: its identity on the backend ROUTER and what it announced."""
+
+    identity: bytes
+    lane: str
+    kinds: frozenset[str]
+    fingerprint: str
+    dim: int
+    credits_total: int
+    max_batch: int
+    info: dict[str, Any]
+    expires_at: float
+    last_sent: float
+    credits_free: int = 0
+    inflight: set[int] = field(default_factory=set)
+    requests_done: int = 0
+    items_done: int = 0
+
+    def __post_init__(self) -> None:
+        self.credits_free = self.credits_total
+
+
+@dataclass(slots=True)
+class Inflight:
+    """A request dispatched to an engine and not yet replied to by it."""
+
+    token: int
+    client: bytes
+    request_id: int
+    lane: str
+    engine: bytes
+    n: int
+    dtype: str
+    deadline: float
+    started: float
+    answered: bool = False  # the client already got its answer (504); the credit is still held
+
+
+@dataclass(slots=True)
+class LaneStats:
+    """Monotonic counters of one lane, by status and in items."""
+
+    requests: dict[int, int] = field(default_factory=lambda: dict.fromkeys(p.STATUSES, 0))
+    items: dict[int, int] = field(default_factory=lambda: dict.fromkeys(p.STATUSES, 0))
+    items_dispatched: int = 0
+    late_replies: int = 0
+    engines_registered: int = 0
+    engines_lost: int = 0
+
+
+class BrokerState:
+    """Engines by lane, credit accounting and the in-flight table of one broker."""
+
+    def __init__(
+        self,
+        lanes: tuple[str, ...],
+        *,
+        heartbeat_interval_s: float = p.HEARTBEAT_INTERVAL_MS / 1000,
+        liveness: int = p.HEARTBEAT_LIVENESS,
+    ) -> None:
+        self.lanes = lanes
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.expiry_s = heartbeat_interval_s * liveness
+        self.engines: dict[bytes, Engine] = {}
+        self.by_lane: dict[str, list[Engine]] = {lane: [] for lane in lanes}
+        self.inflight: dict[int, Inflight] = {}
+        self.stats: dict[str, LaneStats] = {lane: LaneStats() for lane in lanes}
+        self.late_replies = 0
+        self._deadlines: list[tuple[float, int]] = []
+        self._tokens = itertools.count(1)
+        self._completions: dict[str, deque[tuple[float, int]]] = {lane: deque() for lane in lanes}
+
+    # -- engines -------------------------------------------------------------------------
+
+    def register(self, identity: bytes, ready: dict[str, Any], now: float) -> Engine:
+        """Add an engine from its READY header; raise BadRequest when it cannot join."""
+        lane = ready.get("lane")
+        if lane not in self.by_lane:
+            raise BadRequest(f"engine lane {lane!r} is not served here ({list(self.lanes)})")
+        if identity in self.engines:
+            raise BadRequest("engine sent READY twice on one connection")
+        try:
+            kinds = frozenset(str(k) for k in ready["kinds"])
+            fingerprint = str(ready["fingerprint"])
+            dim, credits = int(ready["dim"]), int(ready["credits"])
+            max_batch = int(ready.get("max_batch", credits))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"READY header incomplete: {exc!r}") from None
+        if dim <= 0 or credits <= 0:
+            raise BadRequest("READY needs positive dim and credits")
+        peers = self.by_lane[lane]
+        if peers and peers[0].fingerprint != fingerprint:
+            # Mixing models in one lane would serve different vectors for the same input.
+            raise BadRequest(
+                f"lane {lane!r} serves model {peers[0].fingerprint}; engine has {fingerprint}"
+            )
+        info = {k: v for k, v in ready.items() if isinstance(k, str)}
+        engine = Engine(identity, lane, kinds, fingerprint, dim, credits, max_batch, info,
+                        expires_at=now + self.expiry_s, last_sent=now)
+        self.engines[identity] = engine
+        peers.append(engine)
+        self.stats[lane].engines_registered += 1
+        return engine
+
+    def touch(self, identity: bytes, now: float) -> Engine | None:
+        """Record that an engine spoke (any message is a heartbeat); None if unknown."""
+        engine = self.engines.get(identity)
+        if engine is not None:
+            engine.expires_at = now + self.expiry_s
+        return engine
+
+    def remove(self, identity: bytes) -> list[Inflight]:
+        """Drop an engine (dead, disconnected, unreachable); return its unanswered requests."""
+        engine = self.engines.pop(identity, None)
+        if engine is None:
+            return []
+        self.by_lane[engine.lane].remove(engine)
+        self.stats[engine.lane].engines_lost += 1
+        lost = [self.inflight.pop(t) for t in engine.inflight if t in self.inflight]
+        return [r for r in lost if not r.answered]
+
+    def dead_engines(self, now: float) -> list[bytes]:
+        """Identities of engines silent past the liveness expiry."""
+        return [e.identity for e in self.engines.values() if e.expires_at <= now]
+
+    def heartbeat_due(self, now: float) -> list[Engine]:
+        """Engines that heard nothing from us for one interval; marks them as sent to."""
+        due = [e for e in self.engines.values() if now - e.last_sent >= self.heartbeat_interval_s]
+        for engine in due:
+            engine.last_sent = now
+        return due
+
+    # -- admission and dispatch ----------------------------------------------------------
+
+    def admit(self, lane: str, n: int, now: float) -> Engine:
+        """Pick the engine with the most free credits for ``n`` items, or raise the refusal."""
+        peers = self.by_lane.get(lane)
+        if peers is None:
+            raise UnknownLane(f"unknown lane {lane!r}")
+        if not peers:
+            raise EngineUnavailable(f"no engine serves lane {lane!r} right now")
+        best = max(peers, key=lambda e: e.credits_free)
+        if best.credits_free >= n:
+            return best
+        biggest = max(e.credits_total for e in peers)
+        if n > biggest:
+            raise TooLarge(
+                f"{n} items exceed the largest engine budget of lane {lane!r} ({biggest}); split it"
+            )
+        raise Overloaded(
+            f"lane {lane!r} is out of credits ({best.credits_free} free, {n} needed)",
+            retry_after=self.retry_after_ms(lane, n - best.credits_free, now) / 1000,
+        )
+
+    def dispatch(
+        self, engine: Engine, client: bytes, rid: int, n: int, dtype: str, deadline: float,
+        now: float,
+    ) -> Inflight:
+        """Take ``n`` credits from ``engine`` and record the request as in flight."""
+        token = next(self._tokens)
+        req = Inflight(token, client, rid, engine.lane, engine.identity, n, dtype, deadline, now)
+        engine.credits_free -= n
+        engine.inflight.add(token)
+        engine.last_sent = now
+        self.inflight[token] = req
+        self.stats[engine.lane].items_dispatched += n
+        heapq.heappush(self._deadlines, (deadline, token))
+        return req
+
+    def complete(self, identity: bytes, token: int, now: float) -> Inflight | None:
+        """An engine replied: return credits; None (and counted) if the reply is late/unknown."""
+        req = self.inflight.get(token)
+        if req is None or req.engine != identity:
+            self.late_replies += 1
+            return None
+        del self.inflight[token]
+        engine = self.engines[identity]
+        engine.inflight.discard(token)
+        engine.credits_free += req.n
+        engine.requests_done += 1
+        engine.items_done += req.n
+        window = self._completions[req.lane]
+        window.append((now, req.n))
+        while window and window[0][0] < now - RATE_WINDOW_S:
+            window.popleft()
+        return req
+
+    def expire(self, now: float) -> list[Inflight]:
+        """Requests whose deadline passed: mark answered (credit kept) and return them."""
+        expired: list[Inflight] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, token = heapq.heappop(self._deadlines)
+            req = self.inflight.get(token)
+            if req is not None and not req.answered:
+                req.answered = True
+                expired.append(req)
+        return expired
+
+    # -- estimates and views -------------------------------------------------------------
+
+    def lane_rate(self, lane: str, now: float) -> float:
+        """Items per second the lane completed over the last ``RATE_WINDOW_S``."""
+        window = self._completions[lane]
+        while window and window[0][0] < now - RATE_WINDOW_S:
+            window.popleft()
+        return sum(n for _, n in window) / RATE_WINDOW_S
+
+    def retry_after_ms(self, lane: str, missing: int, now: float) -> int:
+        """Estimate when ``missing`` more credits will be free, from the lane's recent rate."""
+        rate = self.lane_rate(lane, now)
+        if rate <= 0:
+            return max(1, int(self.heartbeat_interval_s * 100))
+        return max(1, min(10_000, math.ceil(missing / rate * 1000)))
+
+    def next_timer(self, now: float) -> float:
+        """Seconds until something time-based is due (deadline, heartbeat, expiry), >= 0."""
+        due = now + self.heartbeat_interval_s
+        if self._deadlines:
+            due = min(due, self._deadlines[0][0])
+        for engine in self.engines.values():
+            due = min(due, engine.expires_at, engine.last_sent + self.heartbeat_interval_s)
+        return max(0.0, due - now)
+
+    def missing_lanes(self) -> list[str]:
+        """Configured lanes without a live engine (engines register only after warm-up)."""
+        return [lane for lane, peers in self.by_lane.items() if not peers]
+
+    def count(self, lane: str | None, status: int, n: int) -> None:
+        """Count one answered request of ``n`` items under its status."""
+        if lane in self.stats:
+            stats = self.stats[lane]  # type: ignore[index]
+            stats.requests[status] = stats.requests.get(status, 0) + 1
+            stats.items[status] = stats.items.get(status, 0) + n
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A msgpack-able view of lanes, engines and counters for the ``stats`` op."""
+        lanes: dict[str, Any] = {}
+        for lane, peers in self.by_lane.items():
+            st = self.stats[lane]
+            lanes[lane] = {
+                "engines": [
+                    {
+                        "id": e.identity.hex(), "fingerprint": e.fingerprint, "dim": e.dim,
+                        "model": e.info.get("model"), "credits_total": e.credits_total,
+                        "credits_free": e.credits_free,
+                        "items_in_flight": e.credits_total - e.credits_free,
+                        "requests_done": e.requests_done, "items_done": e.items_done,
+                        "heartbeat_age_s": round(now - (e.expires_at - self.expiry_s), 3),
+                    }
+                    for e in peers
+                ],
+                "credits_total": sum(e.credits_total for e in peers),
+                "credits_free": sum(e.credits_free for e in peers),
+                "requests": {str(k): v for k, v in st.requests.items()},
+                "items": {str(k): v for k, v in st.items.items()},
+                "items_dispatched": st.items_dispatched,
+                "items_per_s": round(self.lane_rate(lane, now), 1),
+                "engines_registered": st.engines_registered,
+                "engines_lost": st.engines_lost,
+            }
+        return {"lanes": lanes, "in_flight": len(self.inflight), "late_replies": self.late_replies}

@@ -1,0 +1,25 @@
+"""zembed client SDK: :class:`Client` (sync) and :class:`AsyncClient` (asyncio), typed errors.
+
+Only pyzmq, msgpack and numpy are needed on the client side.
+"""
+
+from zembed.client.aio import AsyncClient
+from zembed.client.codec import EmbedResult
+from zembed.client.sync import Client, Pending
+from zembed.errors import (
+    BadRequest,
+    ConnectionClosed,
+    DeadlineExceeded,
+    EngineError,
+    EngineUnavailable,
+    Overloaded,
+    TooLarge,
+    UnknownLane,
+    ZembedError,
+)
+
+__all__ = [
+    "AsyncClient", "BadRequest", "Client", "ConnectionClosed", "DeadlineExceeded", "EmbedResult",
+    "EngineError", "EngineUnavailable", "Overloaded", "Pending", "TooLarge", "UnknownLane",
+    "ZembedError",
+]

@@ -1,0 +1,157 @@
+"""The asyncio client: one DEALER socket, one reader task, a future per request.
+
+Safe to share between any number of coroutines of one event loop (not across loops/threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from zembed import protocol as p
+from zembed.client.codec import (
+    EmbedResult,
+    decode_embed,
+    decode_op,
+    embed_frames,
+    next_id,
+    op_frames,
+    reply_id,
+    retry_delay,
+)
+from zembed.client.sync import GRACE_S
+from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+
+
+class AsyncClient:
+    """asyncio zembed client; the parameters mean what they mean for :class:`Client`."""
+
+    def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
+                 retries: int = 0, backoff: float = 0.05,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._sock: zmq.asyncio.Socket | None = (
+            ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(endpoint)
+        self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
+                          dtype: str = "f32", input_type: str | None = None,
+                          timeout: float | None = None) -> Any:
+        """Embed texts on the text lane: float32 array ``(len(texts), dim)``."""
+        result = await self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize,
+                                  dtype=dtype, input_type=input_type, timeout=timeout)
+        return result.vectors
+
+    async def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
+                    dtype: str = "f32", input_type: str | None = None,
+                    timeout: float | None = None) -> EmbedResult:
+        """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured."""
+        t_out = self.timeout if timeout is None else timeout
+        give_up = time.monotonic() + t_out
+        attempt = 0
+        while True:
+            left = max(give_up - time.monotonic(), 0.001)
+            rid = next_id()
+            frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
+                                  timeout_s=left, input_type=input_type)
+            try:
+                header, body = await self._request(rid, frames, left + GRACE_S)
+                return decode_embed(header, body)
+            except ZembedError as exc:
+                delay = retry_delay(exc, attempt, self.backoff)
+                if delay is None or attempt >= self.retries:
+                    raise
+                if time.monotonic() + delay >= give_up:
+                    raise
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """Round trip to the broker."""
+        return await self._op(p.OP_PING, timeout, raise_on_error=True)
+
+    async def health(self, timeout: float | None = None) -> dict[str, Any]:
+        """Liveness of the broker loop."""
+        return await self._op(p.OP_HEALTH, timeout, raise_on_error=True)
+
+    async def ready(self, timeout: float | None = None) -> dict[str, Any]:
+        """Readiness: ``{"ready": bool, "missing": [lanes]}``."""
+        return await self._op(p.OP_READY, timeout, raise_on_error=False)
+
+    async def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """A snapshot of the broker's counters."""
+        return await self._op(p.OP_STATS, timeout, raise_on_error=True)
+
+    async def _op(self, op: str, timeout: float | None, *,
+                  raise_on_error: bool) -> dict[str, Any]:
+        rid = next_id()
+        header, body = await self._request(rid, op_frames(rid, op),
+                                           self.timeout if timeout is None else timeout)
+        return decode_op(header, body, raise_on_error=raise_on_error)
+
+    async def _request(self, rid: int, frames: list[bytes],
+                       wait_s: float) -> tuple[dict[str, Any], bytes]:
+        if self._sock is None:
+            raise ConnectionClosed("client is closed")
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read_replies())
+        future: asyncio.Future[tuple[dict[str, Any], bytes]] = (
+            asyncio.get_running_loop().create_future())
+        self._futures[rid] = future
+        try:
+            try:
+                # Blocks (asynchronously) until the connection is up, because of IMMEDIATE.
+                await asyncio.wait_for(self._sock.send_multipart(frames), wait_s)
+            except TimeoutError:
+                raise EngineUnavailable(f"broker at {self.endpoint} is not reachable") from None
+            try:
+                return await asyncio.wait_for(future, wait_s)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no answer from {self.endpoint} within the request's deadline") from None
+        finally:
+            self._futures.pop(rid, None)
+
+    async def _read_replies(self) -> None:
+        sock = self._sock
+        while sock is not None and not sock.closed:
+            try:
+                frames = await sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            rid, header = reply_id(frames)
+            future = self._futures.get(rid) if rid is not None else None
+            if future is not None and not future.done():
+                future.set_result((header, frames[2] if len(frames) > 2 else b""))
+
+    async def close(self) -> None:
+        """Stop the reader and close the socket; pending requests fail with ConnectionClosed."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(ConnectionClosed("client closed"))
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,114 @@
+"""Request encoding and reply decoding shared by the sync and asyncio clients."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from zembed import protocol as p
+from zembed.errors import BadRequest, ZembedError, error_for
+from zembed.messages import packb
+
+_ids = itertools.count(1)
+
+
+def next_id() -> int:
+    """Request ids are unique per process, so several clients may share one log."""
+    return next(_ids)
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    """Vectors of one request, with what the broker said about them.
+
+    ``vectors`` is float32 ``(n, dim)``, or raw BF16 words (uint16) when ``dtype="bf16"`` was
+    asked for (widen with :func:`zembed.cache.bf16.from_bf16`). ``cached`` counts items served
+    from the cache; ``item_errors`` maps item index to (status, message) for failed items.
+    """
+
+    vectors: npt.NDArray[Any]
+    cached: int = 0
+    item_errors: dict[int, tuple[int, str]] = field(default_factory=dict)
+
+
+def embed_frames(
+    rid: int, lane: str, kind: str, items: Sequence[Any], *, normalize: bool, dtype: str,
+    timeout_s: float, input_type: str | None,
+) -> list[bytes]:
+    """Frames of an embed request (the DEALER adds nothing; the broker's ROUTER adds identity)."""
+    if dtype not in p.DTYPES:
+        raise BadRequest(f"dtype must be one of {sorted(p.DTYPES)}")
+    if isinstance(items, (str, bytes)):
+        raise BadRequest("items must be a sequence of inputs, not a single str/bytes")
+    header: dict[str, Any] = {
+        "op": p.OP_EMBED, "id": rid, "lane": lane, "kind": kind, "normalize": normalize,
+        "dtype": dtype, "deadline_ms": max(1, math.ceil(timeout_s * 1000)), "n": len(items),
+    }
+    if input_type is not None:
+        header["input_type"] = input_type
+    return [p.CLIENT_PROTO, packb(header), packb(list(items))]
+
+
+def op_frames(rid: int, op: str) -> list[bytes]:
+    """Frames of a management request (ping, health, ready, stats)."""
+    return [p.CLIENT_PROTO, packb({"op": op, "id": rid}), b""]
+
+
+def reply_id(frames: list[bytes]) -> tuple[int | None, dict[str, Any]]:
+    """(request id, header) of a reply, or (None, {}) for something unreadable."""
+    if len(frames) < 2 or frames[0] != p.CLIENT_PROTO:
+        return None, {}
+    try:
+        header = msgpack.unpackb(frames[1], raw=False)
+    except Exception:
+        return None, {}
+    if not isinstance(header, dict):
+        return None, {}
+    rid = header.get("id")
+    return (rid if isinstance(rid, int) else None), header
+
+
+def decode_embed(header: dict[str, Any], body: bytes) -> EmbedResult:
+    """Vectors from a 200 reply, or raise the typed error of its status."""
+    status = header.get("status")
+    if status != p.OK:
+        raise error_for(int(status or p.ENGINE_ERROR), str(header.get("error", "")),
+                        header.get("retry_after_ms"))
+    rows, dim = header["shape"]
+    dtype = np.dtype("<f4") if header["dtype"] == p.DTYPE_F32 else np.dtype("<u2")
+    vectors = np.frombuffer(body, dtype=dtype).reshape(rows, dim)
+    errors = {int(i): (int(s), str(m)) for i, s, m in header.get("item_errors") or []}
+    return EmbedResult(vectors, int(header.get("cached", 0)), errors)
+
+
+def decode_op(header: dict[str, Any], body: bytes, *, raise_on_error: bool) -> dict[str, Any]:
+    """The map a management op answered; raises on a non-200 status when asked to."""
+    data = msgpack.unpackb(body, raw=False) if body else {}
+    data = data if isinstance(data, dict) else {}
+    status = header.get("status", p.ENGINE_ERROR)
+    data["status_code"] = status
+    if status != p.OK and raise_on_error:
+        raise error_for(int(status), str(header.get("error", "")))
+    if "error" in header:
+        data["error"] = header["error"]
+    return data
+
+
+def retry_delay(exc: ZembedError, attempt: int, backoff_s: float) -> float | None:
+    """Seconds to wait before retrying after ``exc``, or None if it is not worth retrying.
+
+    429 honours the broker's ``retry_after``; 503 (no engine, engine lost) backs off
+    exponentially. Everything else is the caller's problem, not a transient one.
+    """
+    if exc.status == p.OVERLOADED:
+        return max(float(getattr(exc, "retry_after", 0.0)), backoff_s * (2 ** attempt) / 4)
+    if exc.status == p.UNAVAILABLE:
+        return backoff_s * (2 ** attempt)
+    return None

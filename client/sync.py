@@ -1,0 +1,197 @@
+"""The synchronous client: one DEALER socket, many requests in flight, results by request id.
+
+A ``Client`` is not thread-safe (ZeroMQ sockets are not): use one per thread, or one
+:class:`~zembed.client.AsyncClient` for many concurrent callers. Within one thread, ``submit``
+several requests and then collect them with ``result`` to keep many in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zembed import protocol as p
+from zembed.client.codec import (
+    EmbedResult,
+    decode_embed,
+    decode_op,
+    embed_frames,
+    next_id,
+    op_frames,
+    reply_id,
+    retry_delay,
+)
+from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+
+#: Extra local wait past a request's deadline: the broker's own 504 should arrive first.
+GRACE_S = 0.5
+
+
+@dataclass(slots=True)
+class Pending:
+    """A submitted request: pass it to :meth:`Client.result`."""
+
+    id: int
+    frames: list[bytes]
+    deadline: float
+    op: str = p.OP_EMBED
+
+
+class Client:
+    """Synchronous zembed client.
+
+    :param endpoint: broker frontend, e.g. ``tcp://127.0.0.1:5555``.
+    :param timeout: default deadline of each request in seconds (sent to the broker, which
+        answers 504 when it passes; the client gives up shortly after if nothing arrives).
+    :param retries: how many times to retry 429 (after ``retry_after``) and 503 (with backoff)
+        within the timeout; 0 raises them at once.
+    :param backoff: first backoff step for retries, seconds.
+    :param ctx: ZeroMQ context (the process-wide instance by default).
+    """
+
+    def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
+                 retries: int = 0, backoff: float = 0.05,
+                 ctx: zmq.Context[Any] | None = None) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._sock: zmq.Socket[Any] | None = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        # Do not park requests on a connection that is not up: fail fast instead.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(endpoint)
+        self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._waiting: set[int] = set()
+
+    # -- embedding -------------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str], *, normalize: bool = True, dtype: str = "f32",
+                    input_type: str | None = None, timeout: float | None = None) -> Any:
+        """Embed texts on the text lane: float32 array ``(len(texts), dim)``.
+
+        :param input_type: ``"query"`` or ``"document"`` to apply the engine's prefixes.
+        """
+        return self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize, dtype=dtype,
+                          input_type=input_type, timeout=timeout).vectors
+
+    def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
+              dtype: str = "f32", input_type: str | None = None,
+              timeout: float | None = None) -> EmbedResult:
+        """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured."""
+        attempt = 0
+        t_out = self.timeout if timeout is None else timeout
+        give_up = time.monotonic() + t_out
+        while True:
+            left = give_up - time.monotonic()
+            pending = self.submit(lane, kind, items, normalize=normalize, dtype=dtype,
+                                  input_type=input_type, timeout=max(left, 0.001))
+            try:
+                return self.result(pending)
+            except ZembedError as exc:
+                delay = retry_delay(exc, attempt, self.backoff)
+                if delay is None or attempt >= self.retries:
+                    raise
+                if time.monotonic() + delay >= give_up:
+                    raise
+                attempt += 1
+                time.sleep(delay)
+
+    def submit(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
+               dtype: str = "f32", input_type: str | None = None,
+               timeout: float | None = None) -> Pending:
+        """Send an embed request without waiting; collect it with :meth:`result`."""
+        t_out = self.timeout if timeout is None else timeout
+        rid = next_id()
+        frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
+                              timeout_s=t_out, input_type=input_type)
+        pending = Pending(rid, frames, time.monotonic() + t_out + GRACE_S)
+        self._send(pending)
+        return pending
+
+    def result(self, pending: Pending) -> EmbedResult:
+        """Wait for a submitted request: its vectors, or its typed error."""
+        header, body = self._wait(pending)
+        return decode_embed(header, body)
+
+    # -- management ------------------------------------------------------------------------
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """Round trip to the broker; raises DeadlineExceeded when it does not answer."""
+        return self._op(p.OP_PING, timeout, raise_on_error=True)
+
+    def health(self, timeout: float | None = None) -> dict[str, Any]:
+        """Liveness of the broker loop."""
+        return self._op(p.OP_HEALTH, timeout, raise_on_error=True)
+
+    def ready(self, timeout: float | None = None) -> dict[str, Any]:
+        """Readiness: ``{"ready": bool, "missing": [lanes]}`` (never raises on not-ready)."""
+        return self._op(p.OP_READY, timeout, raise_on_error=False)
+
+    def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """A snapshot of the broker's counters, lanes and engines."""
+        return self._op(p.OP_STATS, timeout, raise_on_error=True)
+
+    def _op(self, op: str, timeout: float | None, *, raise_on_error: bool) -> dict[str, Any]:
+        rid = next_id()
+        t_out = self.timeout if timeout is None else timeout
+        pending = Pending(rid, op_frames(rid, op), time.monotonic() + t_out, op)
+        self._send(pending)
+        header, body = self._wait(pending)
+        return decode_op(header, body, raise_on_error=raise_on_error)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _socket(self) -> zmq.Socket[Any]:
+        if self._sock is None:
+            raise ConnectionClosed("client is closed")
+        return self._sock
+
+    def _send(self, pending: Pending) -> None:
+        sock = self._socket()
+        # With IMMEDIATE, a send blocks until the connection is up; wait for it, bounded.
+        left_ms = int((pending.deadline - time.monotonic()) * 1000)
+        if not sock.poll(max(left_ms, 0), zmq.POLLOUT):
+            raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
+        sock.send_multipart(pending.frames, zmq.DONTWAIT)
+        self._waiting.add(pending.id)
+
+    def _wait(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
+        sock = self._socket()
+        try:
+            while pending.id not in self._replies:
+                left_ms = int((pending.deadline - time.monotonic()) * 1000)
+                if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
+                    raise DeadlineExceeded(
+                        f"no answer from {self.endpoint} within the request's deadline")
+                self._drain(sock)
+            return self._replies.pop(pending.id)
+        finally:
+            self._waiting.discard(pending.id)
+
+    def _drain(self, sock: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            rid, header = reply_id(frames)
+            # Replies to requests nobody waits for any more (timed out) are dropped here.
+            if rid in self._waiting:
+                self._replies[rid] = (header, frames[2] if len(frames) > 2 else b"")
+
+    def close(self) -> None:
+        """Close the socket at once (linger 0); later calls raise ConnectionClosed."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

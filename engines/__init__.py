@@ -1,0 +1,1 @@
+"""zembed engines: the runtime (socket, heartbeats, batching) and the models it serves."""

@@ -1,0 +1,80 @@
+"""The engine's job queue and batch formation (dynamic batching), free of sockets and torch.
+
+The socket thread puts jobs in as they arrive; the inference thread takes a batch whenever the
+model is free: every queued job in arrival order up to ``max_items`` items (a job bigger than
+that forms a batch of its own). There is no fixed delay by default: while the model runs, new
+jobs queue up, so batches grow exactly as load grows and a lone request is never held back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Job:
+    """One REQUEST from the broker, as the inference thread needs it."""
+
+    token: int
+    kind: str
+    normalize: bool
+    input_type: str | None
+    items: list[Any]
+    deadline: float  # time.monotonic() after which the broker has given up on it
+    generation: int  # connection generation; replies of an older one are dropped
+
+
+class JobQueue:
+    """A FIFO of jobs with batch-shaped takes. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def put(self, job: Job) -> None:
+        """Queue a job and wake the inference thread."""
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def take_batch(self, max_items: int, timeout_s: float, max_wait_s: float = 0.0) -> list[Job]:
+        """Jobs of one kind in arrival order, up to ``max_items`` items ([] after ``timeout_s``).
+
+        With ``max_wait_s`` > 0, a batch that is not full waits that long for more jobs.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: bool(self._jobs), timeout_s):
+                return []
+            if max_wait_s > 0:
+                fill_by = time.monotonic() + max_wait_s
+                while self._queued_items() < max_items:
+                    left = fill_by - time.monotonic()
+                    if left <= 0 or not self._cond.wait(left):
+                        break
+            batch = [self._jobs.popleft()]
+            items, kind = len(batch[0].items), batch[0].kind
+            while self._jobs and self._jobs[0].kind == kind:
+                if items + len(self._jobs[0].items) > max_items:
+                    break
+                job = self._jobs.popleft()
+                items += len(job.items)
+                batch.append(job)
+            return batch
+
+    def _queued_items(self) -> int:
+        return sum(len(j.items) for j in self._jobs)
+
+    def drop_generation_before(self, generation: int) -> int:
+        """Forget jobs of an older connection (their broker is gone); return how many."""
+        with self._cond:
+            keep = [j for j in self._jobs if j.generation >= generation]
+            dropped = len(self._jobs) - len(keep)
+            self._jobs = deque(keep)
+            return dropped

@@ -1,0 +1,43 @@
+"""The interface every embedding model implements, so one runtime serves text and images.
+
+Infinity's pre / core / post split, reduced to what the runtime needs: ``prepare`` turns wire
+items into model inputs (cheap, per item), ``forward`` embeds a batch of prepared inputs of one
+kind, and the runtime does the rest (batching, normalisation, BF16 rounding, replies).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+
+class EmbeddingModel(Protocol):
+    """What the engine runtime needs from a model."""
+
+    #: Lane the engine registers for, and the kinds of input it embeds.
+    lane: str
+    kinds: frozenset[str]
+    #: Output dimension.
+    dim: int
+
+    def fingerprint(self, kind: str) -> str:
+        """Stable id of everything that shapes the vectors of ``kind`` (model, weights, ...)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """msgpack-able facts for READY and stats (model name, device, dtype, ...)."""
+        ...
+
+    def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
+        """Turn wire items into inputs for :meth:`forward` (prefixes, decoding)."""
+        ...
+
+    def cost(self, prepared: Any) -> int:
+        """A size estimate of one prepared input, used to sort a batch and cut padding."""
+        ...
+
+    def forward(self, kind: str, inputs: list[Any]) -> npt.NDArray[np.float32]:
+        """Embed a batch of prepared inputs: float32 ``(len(inputs), dim)``, not normalised."""
+        ...

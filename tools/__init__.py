@@ -1,0 +1,1 @@
+"""Operator tools: load generator and dashboards (grow with the bench and stats issues)."""

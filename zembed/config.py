@@ -1,0 +1,186 @@
+"""Configuration: one dataclass per process, built from a TOML file, then ``ZEMBED_*``, then flags.
+
+Each field documents itself (``metadata["help"]``, unit in the name or the help), so the CLI
+options, the environment variables and ``docs/configuration.md`` all come from one place.
+
+Precedence, lowest to highest: dataclass default < TOML file section < environment < CLI flag.
+The TOML file has one table per process (``[broker]``, ``[text]``, ``[client]``); the
+environment variable of a field is ``ZEMBED_<SECTION>_<FIELD>`` (``ZEMBED_TEXT_CREDITS=64``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from zembed import protocol as p
+
+T = TypeVar("T")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Settings of the broker process (``zembed start broker``)."""
+
+    section: ClassVar[str] = "broker"
+
+    frontend: str = _opt(p.DEFAULT_FRONTEND, "Endpoint the client ROUTER binds (tcp/ipc).")
+    backend: str = _opt(p.DEFAULT_BACKEND, "Endpoint the engine ROUTER binds (tcp/ipc).")
+    lanes: tuple[str, ...] = _opt(
+        (p.LANE_TEXT,), "Lanes this broker serves (comma-separated); `ready` needs all of them."
+    )
+    heartbeat_interval_ms: int = _opt(p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to engines, ms.")
+    heartbeat_liveness: int = _opt(
+        p.HEARTBEAT_LIVENESS, "Missed heartbeat intervals after which an engine is dead."
+    )
+    max_items: int = _opt(256, "Most items in one request (413 above).")
+    max_item_bytes: int = _opt(65_536, "Most bytes in one item (UTF-8 text or image), 413 above.")
+    max_request_bytes: int = _opt(16 << 20, "Most bytes in one request body, 413 above.")
+    max_message_bytes: int = _opt(
+        64 << 20, "ZMQ_MAXMSGSIZE on the frontend: a bigger frame disconnects its sender, bytes."
+    )
+    default_deadline_ms: int = _opt(
+        p.DEFAULT_DEADLINE_MS, "Deadline for requests that carry none, ms."
+    )
+    max_deadline_ms: int = _opt(300_000, "Longest deadline a request may ask for, ms.")
+    log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
+
+
+@dataclass(frozen=True)
+class TextEngineConfig:
+    """Settings of a text engine process (``zembed start text``)."""
+
+    section: ClassVar[str] = "text"
+
+    broker: str = _opt(p.DEFAULT_BACKEND, "Broker backend endpoint to connect to.")
+    lane: str = _opt(p.LANE_TEXT, "Lane this engine registers for.")
+    model: str = _opt(
+        "", "Hugging Face model id or local path; empty = bundled all-MiniLM-L6-v2 (offline)."
+    )
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    dtype: str = _opt(
+        "auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."
+    )
+    threads: int = _opt(0, "torch intra-op threads; 0 = one per available core.")
+    credits: int = _opt(128, "Items this engine holds in flight (its admission budget), items.")
+    max_batch: int = _opt(32, "Most items in one forward pass, items.")
+    max_wait_ms: float = _opt(
+        0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
+    )
+    max_length: int = _opt(0, "Truncate inputs to this many tokens; 0 = the model's own limit.")
+    query_prefix: str = _opt("", "Text prepended to items sent with input_type=query.")
+    document_prefix: str = _opt("", "Text prepended to items sent with input_type=document.")
+    heartbeat_interval_ms: int = _opt(p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to the broker, ms.")
+    heartbeat_liveness: int = _opt(
+        p.HEARTBEAT_LIVENESS, "Missed broker heartbeats after which the engine reconnects."
+    )
+    stall_timeout_s: float = _opt(
+        60.0, "A forward pass running longer than this stops heartbeats (engine reported dead), s."
+    )
+    log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Settings the CLI's client commands use (``zembed embed``, ``ping``, ``ready``...)."""
+
+    section: ClassVar[str] = "client"
+
+    endpoint: str = _opt(p.DEFAULT_FRONTEND, "Broker frontend endpoint to connect to.")
+    timeout_s: float = _opt(10.0, "Deadline of each request, s.")
+
+
+CONFIG_CLASSES: tuple[type[Any], ...] = (BrokerConfig, TextEngineConfig, ClientConfig)
+
+
+def env_name(cls: type[Any], name: str) -> str:
+    """Environment variable that sets field ``name`` of config class ``cls``."""
+    return f"ZEMBED_{cls.section.upper()}_{name.upper()}"
+
+
+def coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a TOML or environment value to the field's declared type, or raise ValueError."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"{where}: expected a boolean, got {value!r}")
+    if typing.get_origin(typ) is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    try:
+        return typ(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: expected {typ.__name__}, got {value!r}") from exc
+
+
+def read_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Read a TOML config file; ``None`` or an empty path means no file."""
+    if not path:
+        return {}
+    with Path(path).open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def load(
+    cls: type[T],
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> T:
+    """Build ``cls`` from defaults < file section < environment < flags (``None`` flags ignored).
+
+    Unknown keys in the file section are an error, so a typo never silently does nothing.
+    """
+    env = os.environ if env is None else env
+    config_file = config_file or env.get("ZEMBED_CONFIG")
+    section = read_file(config_file).get(cls.section, {})  # type: ignore[attr-defined]
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(section) - names
+    if unknown:
+        raise ValueError(f"[{cls.section}] in {config_file}: unknown keys {sorted(unknown)}")  # type: ignore[attr-defined]
+    values: dict[str, Any] = {}
+    for name in names:
+        where = f"{cls.section}.{name}"  # type: ignore[attr-defined]
+        if name in section:
+            values[name] = coerce(section[name], hints[name], where)
+        if env_name(cls, name) in env:
+            values[name] = coerce(env[env_name(cls, name)], hints[name], env_name(cls, name))
+        if flags and flags.get(name) is not None:
+            values[name] = coerce(flags[name], hints[name], f"--{name.replace('_', '-')}")
+    return cls(**values)
+
+
+def reference_markdown() -> str:
+    """Render every option of every process as Markdown (kept in ``docs/configuration.md``)."""
+    lines: list[str] = []
+    for cls in CONFIG_CLASSES:
+        lines += [f"### `[{cls.section}]` — {cls.__doc__}", ""]
+        lines += ["| option | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            flag = "--" + f.name.replace("_", "-")
+            lines.append(
+                f"| `{f.name}` | `{flag}` | `{env_name(cls, f.name)}` | `{default!s}` "
+                f"| {f.metadata['help']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Encoding and validation of zembed messages, shared by broker, engines and clients.
+
+Only headers are msgpack; bodies are a msgpack list of items (requests) or one raw vector buffer
+(replies). Validation raises the typed errors of :mod:`zembed.errors`, so the broker's reply
+status is simply ``exc.status``. No sockets here: everything is unit-testable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from zembed import protocol as p
+from zembed.errors import BadRequest, TooLarge
+
+#: Headers are small maps; anything bigger is hostile or broken.
+MAX_HEADER_BYTES = 16 * 1024
+_U64_MAX = (1 << 64) - 1
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack with zembed's conventions (bin type for bytes, str for text)."""
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_header(raw: bytes) -> dict[str, Any]:
+    """Decode a header frame into a dict with string keys, or raise BadRequest."""
+    if len(raw) > MAX_HEADER_BYTES:
+        raise BadRequest(f"header is {len(raw)} bytes, at most {MAX_HEADER_BYTES} allowed")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise BadRequest(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request limits the broker enforces (413 above them)."""
+
+    max_items: int = 256
+    max_item_bytes: int = 65_536
+    max_request_bytes: int = 16 << 20
+    default_deadline_ms: int = p.DEFAULT_DEADLINE_MS
+    max_deadline_ms: int = 300_000
+
+
+@dataclass(slots=True)
+class EmbedRequest:
+    """A validated client ``embed`` request."""
+
+    id: int
+    lane: str
+    kind: str
+    normalize: bool
+    dtype: str
+    deadline_ms: int
+    items: list[Any]
+    input_type: str | None = None
+
+
+def request_id(header: dict[str, Any]) -> int | None:
+    """The request id if the header has a well-formed one (so even a 400 can be matched)."""
+    rid = header.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _U64_MAX:
+        return rid
+    return None
+
+
+def _field(header: dict[str, Any], name: str, typ: type, default: Any) -> Any:
+    value = header.get(name, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise BadRequest(f"header field {name!r} must be {typ.__name__}, got {value!r:.60}")
+    return value
+
+
+def parse_embed_header(
+    header: dict[str, Any], lane_kinds: dict[str, frozenset[str]], limits: Limits
+) -> tuple[str, str, bool, str, int, int, str | None]:
+    """Validate an embed header: (lane, kind, normalize, dtype, deadline_ms, n, input_type)."""
+    lane = _field(header, "lane", str, p.LANE_TEXT)
+    if lane not in lane_kinds:
+        from zembed.errors import UnknownLane
+
+        raise UnknownLane(f"unknown lane {lane!r:.60}; this broker serves {sorted(lane_kinds)}")
+    kind = _field(header, "kind", str, lane)
+    if kind not in lane_kinds[lane]:
+        raise BadRequest(f"lane {lane!r} serves kinds {sorted(lane_kinds[lane])}, not {kind!r:.60}")
+    normalize = _field(header, "normalize", bool, True)
+    dtype = _field(header, "dtype", str, p.DTYPE_F32)
+    if dtype not in p.DTYPES:
+        raise BadRequest(f"dtype must be one of {sorted(p.DTYPES)}, got {dtype!r:.60}")
+    deadline_ms = _field(header, "deadline_ms", int, limits.default_deadline_ms)
+    if deadline_ms <= 0:
+        raise BadRequest(f"deadline_ms must be positive, got {deadline_ms}")
+    deadline_ms = min(deadline_ms, limits.max_deadline_ms)
+    n = _field(header, "n", int, None)
+    if n is None:
+        raise BadRequest("header field 'n' (number of items) is required")
+    if n <= 0:
+        raise BadRequest(f"a request needs at least one item, n={n}")
+    if n > limits.max_items:
+        raise TooLarge(f"{n} items in one request, at most {limits.max_items} allowed")
+    input_type = _field(header, "input_type", str, None)
+    if input_type is not None and input_type not in p.INPUT_TYPES:
+        raise BadRequest(f"input_type must be one of {sorted(p.INPUT_TYPES)} or absent")
+    return lane, kind, normalize, dtype, deadline_ms, n, input_type
+
+
+def parse_items(body: bytes, kind: str, n: int, limits: Limits) -> list[Any]:
+    """Decode and check the item list of an embed request body."""
+    if len(body) > limits.max_request_bytes:
+        raise TooLarge(f"request body is {len(body)} bytes, at most {limits.max_request_bytes}")
+    try:
+        items = msgpack.unpackb(body, raw=False, max_array_len=n, max_map_len=0, max_ext_len=0)
+    except ValueError as exc:
+        raise BadRequest(f"body is not a msgpack list of {n} items: {exc}") from None
+    except Exception as exc:
+        raise BadRequest(f"body is not valid msgpack: {exc}") from None
+    if not isinstance(items, list) or len(items) != n:
+        got = len(items) if isinstance(items, list) else type(items).__name__
+        raise BadRequest(f"body must be a msgpack array of n={n} items, got {got}")
+    want = str if kind in p.TEXT_KINDS else bytes
+    for i, item in enumerate(items):
+        if not isinstance(item, want):
+            raise BadRequest(f"item {i} must be {want.__name__}, got {type(item).__name__}")
+        size = len(item)
+        if want is str and size * 4 > limits.max_item_bytes:
+            size = len(item.encode("utf-8", "surrogatepass"))
+        if size > limits.max_item_bytes:
+            raise TooLarge(f"item {i} is {size} bytes, at most {limits.max_item_bytes} allowed")
+    return items  # type: ignore[no-any-return]
+
+
+def reply_header(
+    rid: int | None,
+    status: int,
+    *,
+    error: str | None = None,
+    retry_after_ms: int | None = None,
+    dtype: str | None = None,
+    shape: tuple[int, int] | None = None,
+    cached: int = 0,
+    item_errors: list[list[Any]] | None = None,
+) -> bytes:
+    """Encode a broker -> client reply header (absent fields are omitted, not null)."""
+    h: dict[str, Any] = {"id": rid, "status": status}
+    if error is not None:
+        h["error"] = error
+    if retry_after_ms is not None:
+        h["retry_after_ms"] = retry_after_ms
+    if dtype is not None:
+        h["dtype"] = dtype
+        h["shape"] = list(shape or (0, 0))
+        h["cached"] = cached
+    if item_errors:
+        h["item_errors"] = item_errors
+    return packb(h)
