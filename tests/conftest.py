@@ -1,0 +1,171 @@
+"""Fixtures that run real zembed processes on random loopback ports and always clean up.
+
+Every process is a real ``python -m zembed start ...`` child; every wait is bounded, so a
+broken build fails a test instead of hanging the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import zmq
+
+from zembed.client import Client
+
+# Tests never reach a model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+#: Short heartbeats so liveness tests finish fast: dead after 3 x 200 ms.
+HEARTBEAT_MS = 200
+ENGINE_START_S = 90.0
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A child process we started; ``stop`` is idempotent."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGCONT)
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+@dataclass
+class Stack:
+    """A broker and its engines on private ports."""
+
+    frontend: str
+    backend: str
+    procs: list[Proc] = field(default_factory=list)
+    broker: Proc | None = None
+
+    def start_broker(self, *args: str) -> Proc:
+        proc = spawn("broker", ["start", "broker", "--frontend", self.frontend,
+                                "--backend", self.backend,
+                                "--heartbeat-interval-ms", str(HEARTBEAT_MS), *args])
+        self.broker = proc
+        self.procs.append(proc)
+        return proc
+
+    def start_text(self, *args: str) -> Proc:
+        proc = spawn("text", ["start", "text", "--broker", self.backend,
+                              "--heartbeat-interval-ms", str(HEARTBEAT_MS), "--threads", "1",
+                              *args])
+        self.procs.append(proc)
+        return proc
+
+    def client(self, **kw: Any) -> Client:
+        kw.setdefault("timeout", 10.0)
+        return Client(self.frontend, **kw)
+
+    def wait_engines(self, lane: str, count: int, timeout: float = ENGINE_START_S) -> None:
+        """Wait until ``count`` engines serve ``lane`` (fails fast if a child died)."""
+        deadline = time.monotonic() + timeout
+        with self.client(timeout=1.0) as c:
+            while time.monotonic() < deadline:
+                for proc in self.procs:
+                    code = proc.popen.poll()
+                    if code is not None and code > 0:  # negative: killed on purpose by a test
+                        pytest.fail(f"{proc.name} exited with {proc.popen.returncode}")
+                try:
+                    engines = c.stats(timeout=0.5)["lanes"][lane]["engines"]
+                    if len(engines) >= count:
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.05)
+        pytest.fail(f"{count} engine(s) for lane {lane} not registered within {timeout}s")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def spawn(name: str, args: list[str]) -> Proc:
+    """Start ``python -m zembed <args>`` with output passed through (visible on failure)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    popen = subprocess.Popen([sys.executable, "-m", "zembed", *args], env=env)
+    return Proc(name, popen)
+
+
+def new_stack() -> Stack:
+    return Stack(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+
+
+@pytest.fixture
+def stack_factory() -> Iterator[Callable[[], Stack]]:
+    """Per-test stacks (for tests that kill or stop processes)."""
+    stacks: list[Stack] = []
+
+    def make() -> Stack:
+        stacks.append(new_stack())
+        return stacks[-1]
+
+    yield make
+    for s in stacks:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def shared_stack() -> Iterator[Stack]:
+    """One broker + one text engine shared by the tests that do not disturb them."""
+    stack = new_stack()
+    try:
+        stack.start_broker()
+        stack.start_text()
+        stack.wait_engines("text", 1)
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def client(shared_stack: Stack) -> Iterator[Client]:
+    with shared_stack.client() as c:
+        yield c
+
+
+@pytest.fixture
+def zctx() -> Iterator[zmq.Context[Any]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def recv(sock: zmq.Socket[Any], timeout: float = 5.0) -> list[bytes]:
+    """Receive a multipart message or fail the test after ``timeout`` seconds."""
+    if not sock.poll(int(timeout * 1000)):
+        pytest.fail(f"nothing received within {timeout}s")
+    return sock.recv_multipart()

@@ -1,0 +1,135 @@
+"""BrokerState without sockets: credits, admission, deadlines, liveness, late replies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zembed import protocol as p
+from zembed.broker.state import BrokerState
+from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
+
+
+def ready(credits: int = 8, fingerprint: str = "fp-a", lane: str = "text") -> dict[str, Any]:
+    return {"lane": lane, "kinds": ["text"], "fingerprint": fingerprint, "dim": 4,
+            "credits": credits, "max_batch": 4, "model": "m"}
+
+
+@pytest.fixture
+def state() -> BrokerState:
+    return BrokerState(("text", "image"), heartbeat_interval_s=1.0, liveness=3)
+
+
+def test_most_free_credits_wins(state: BrokerState) -> None:
+    a = state.register(b"a", ready(8), 0.0)
+    b = state.register(b"b", ready(8), 0.0)
+    state.dispatch(a, b"c", 1, 3, "f32", 10.0, 0.0)
+    assert state.admit("text", 2, 0.0) is b
+    state.dispatch(b, b"c", 2, 6, "f32", 10.0, 0.0)
+    assert state.admit("text", 2, 0.0) is a
+    assert (a.credits_free, b.credits_free) == (5, 2)
+
+
+def test_credits_are_items_and_come_back(state: BrokerState) -> None:
+    e = state.register(b"a", ready(4), 0.0)
+    req = state.dispatch(state.admit("text", 4, 0.0), b"c", 1, 4, "f32", 10.0, 0.0)
+    with pytest.raises(Overloaded) as info:
+        state.admit("text", 1, 0.0)
+    assert info.value.retry_after > 0
+    assert state.complete(b"a", req.token, 0.5) is req
+    assert e.credits_free == 4
+    assert state.admit("text", 4, 0.6) is e
+
+
+def test_refusals(state: BrokerState) -> None:
+    with pytest.raises(UnknownLane):
+        state.admit("audio", 1, 0.0)
+    with pytest.raises(EngineUnavailable):
+        state.admit("image", 1, 0.0)
+    state.register(b"a", ready(4), 0.0)
+    with pytest.raises(TooLarge):
+        state.admit("text", 5, 0.0)
+
+
+def test_retry_after_follows_the_lane_rate(state: BrokerState) -> None:
+    e = state.register(b"a", ready(10), 0.0)
+    for i in range(10):  # 10 items/s: 20 items completed over the 2 s window
+        req = state.dispatch(e, b"c", i, 2, "f32", 99.0, i * 0.2)
+        state.complete(b"a", req.token, i * 0.2)
+    state.dispatch(e, b"c", 99, 10, "f32", 99.0, 2.0)
+    with pytest.raises(Overloaded) as info:
+        state.admit("text", 5, 2.0)
+    # 5 missing credits at ~10 items/s is ~0.5 s.
+    assert 0.3 <= info.value.retry_after <= 0.8
+
+
+def test_deadline_answers_once_and_keeps_the_credit(state: BrokerState) -> None:
+    e = state.register(b"a", ready(4), 0.0)
+    req = state.dispatch(e, b"c", 1, 2, "f32", 1.0, 0.0)
+    assert state.expire(0.5) == []
+    assert state.expire(1.0) == [req]
+    assert state.expire(2.0) == []  # answered only once
+    assert e.credits_free == 2  # still held: the engine is still working on it
+    assert state.complete(b"a", req.token, 2.5) is req  # the late reply returns the credit
+    assert e.credits_free == 4
+
+
+def test_late_and_foreign_replies_are_counted(state: BrokerState) -> None:
+    state.register(b"a", ready(4), 0.0)
+    b = state.register(b"b", ready(4), 0.0)
+    req = state.dispatch(b, b"c", 1, 1, "f32", 9.0, 0.0)
+    assert state.complete(b"a", req.token, 0.1) is None  # not a's request
+    assert state.complete(b"b", 12345, 0.1) is None  # unknown token
+    assert state.late_replies == 2
+    assert state.complete(b"b", req.token, 0.2) is req
+
+
+def test_dead_engine_gives_back_its_requests(state: BrokerState) -> None:
+    e = state.register(b"a", ready(4), 0.0)
+    r1 = state.dispatch(e, b"c", 1, 1, "f32", 0.5, 0.0)
+    r2 = state.dispatch(e, b"c", 2, 1, "f32", 9.0, 0.0)
+    state.expire(0.6)  # r1 already answered 504
+    state.touch(b"a", 1.0)
+    assert state.dead_engines(3.5) == []
+    assert state.dead_engines(4.0) == [b"a"]
+    lost = state.remove(b"a")
+    assert lost == [r2] and r1 not in lost
+    assert state.inflight == {}
+    assert state.complete(b"a", r2.token, 4.1) is None  # late reply of a dead engine
+    with pytest.raises(EngineUnavailable):
+        state.admit("text", 1, 4.1)
+
+
+def test_registration_checks(state: BrokerState) -> None:
+    state.register(b"a", ready(4, "fp-a"), 0.0)
+    with pytest.raises(BadRequest, match="serves model"):
+        state.register(b"b", ready(4, "fp-b"), 0.0)
+    with pytest.raises(BadRequest, match="twice"):
+        state.register(b"a", ready(4, "fp-a"), 0.0)
+    with pytest.raises(BadRequest, match="not served"):
+        state.register(b"c", ready(4, lane="audio"), 0.0)
+    with pytest.raises(BadRequest, match="incomplete"):
+        state.register(b"d", {"lane": "text"}, 0.0)
+    state.remove(b"a")
+    state.register(b"b", ready(4, "fp-b"), 0.0)  # lane empty again: a new model may take it
+
+
+def test_heartbeats_and_timers(state: BrokerState) -> None:
+    e = state.register(b"a", ready(4), 0.0)
+    assert state.heartbeat_due(0.5) == []
+    assert state.heartbeat_due(1.0) == [e]
+    assert state.heartbeat_due(1.5) == []
+    state.dispatch(e, b"c", 1, 1, "f32", 1.7, 1.6)
+    assert state.next_timer(1.6) == pytest.approx(0.1)
+
+
+def test_snapshot_counts(state: BrokerState) -> None:
+    state.register(b"a", ready(4), 0.0)
+    state.count("text", p.OK, 3)
+    state.count("text", p.OVERLOADED, 2)
+    snap = state.snapshot(0.1)
+    lane = snap["lanes"]["text"]
+    assert lane["requests"]["200"] == 1 and lane["items"]["200"] == 3
+    assert lane["requests"]["429"] == 1 and lane["credits_free"] == 4
+    assert state.missing_lanes() == ["image"]
