@@ -70,6 +70,7 @@ class Stack:
     backend: str
     procs: list[Proc] = field(default_factory=list)
     broker: Proc | None = None
+    engine: Proc | None = None  # the engine a test singles out, where it needs one
 
     def start_broker(self, *args: str) -> Proc:
         proc = spawn("broker", ["start", "broker", "--frontend", self.frontend,

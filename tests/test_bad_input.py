@@ -1,0 +1,105 @@
+"""Malformed frames, headers and bodies get their documented status; service goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from conftest import Stack, recv
+from zembed import protocol as p
+from zembed.client import Client
+
+P = p.CLIENT_PROTO
+
+
+def hdr(**kw: Any) -> bytes:
+    base: dict[str, Any] = {"op": "embed", "id": 7, "lane": "text", "n": 1}
+    base.update(kw)
+    return msgpack.packb({k: v for k, v in base.items() if v is not ...})
+
+
+BODY = msgpack.packb(["hello"])
+
+CASES: list[tuple[str, list[bytes], int]] = [
+    ("one frame", [P], 400),
+    ("wrong protocol id", [b"HTTP/1.1", hdr(), BODY], 400),
+    ("header not msgpack", [P, b"\xc1\xc1", BODY], 400),
+    ("header not a map", [P, msgpack.packb([1, 2]), BODY], 400),
+    ("header with int keys", [P, msgpack.packb({1: 2}), BODY], 400),
+    ("no id", [P, hdr(id=...), BODY], 400),
+    ("negative id", [P, hdr(id=-1), BODY], 400),
+    ("float id", [P, hdr(id=1.5), BODY], 400),
+    ("string id", [P, hdr(id="7"), BODY], 400),
+    ("unknown op", [P, hdr(op="explode"), BODY], 400),
+    ("missing body", [P, hdr()], 400),
+    ("extra frame", [P, hdr(), BODY, b"more"], 400),
+    ("unknown lane", [P, hdr(lane="audio"), BODY], 404),
+    ("kind of another lane", [P, hdr(kind="image"), BODY], 400),
+    ("normalize not bool", [P, hdr(normalize="yes"), BODY], 400),
+    ("bad dtype", [P, hdr(dtype="f64"), BODY], 400),
+    ("zero deadline", [P, hdr(deadline_ms=0), BODY], 400),
+    ("n missing", [P, hdr(n=...), BODY], 400),
+    ("n zero", [P, hdr(n=0), msgpack.packb([])], 400),
+    ("n mismatch", [P, hdr(n=2), BODY], 400),
+    ("body not msgpack", [P, hdr(), b"\xc1"], 400),
+    ("body not a list", [P, hdr(), msgpack.packb({"a": 1})], 400),
+    ("bytes item on the text lane", [P, hdr(), msgpack.packb([b"raw"])], 400),
+    ("int item", [P, hdr(), msgpack.packb([5])], 400),
+    ("invalid UTF-8", [P, hdr(), b"\x91\xa2\xff\xfe"], 400),
+    ("huge declared array", [P, hdr(), b"\xdd\xff\xff\xff\xff"], 400),
+    ("huge declared string", [P, hdr(), b"\x91\xdb\xff\xff\xff\xff"], 400),
+    ("deep nesting", [P, hdr(), b"\x91" * 5000], 400),
+    ("too many items", [P, hdr(n=100_000), msgpack.packb(["a"] * 100_000)], 413),
+    ("item too long", [P, hdr(), msgpack.packb(["x" * 70_000])], 413),
+]
+
+
+@pytest.fixture
+def raw(shared_stack: Stack, zctx: zmq.Context[Any]) -> Iterator[zmq.Socket[Any]]:
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(shared_stack.frontend)
+    yield sock
+    sock.close()
+
+
+@pytest.mark.parametrize(("frames", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_request_gets_status_then_good_one_succeeds(
+    raw: zmq.Socket[Any], client: Client, frames: list[bytes], status: int
+) -> None:
+    raw.send_multipart(frames)
+    reply = recv(raw)
+    assert reply[0] == P and len(reply) == 3
+    header = msgpack.unpackb(reply[1])
+    assert header["status"] == status, header
+    assert header["error"]  # a clear message, not just a number
+    assert reply[2] == b""
+    v = client.embed_texts(["still serving"])
+    assert v.shape == (1, 384) and np.isfinite(v).all()
+
+
+def test_error_reply_carries_the_request_id(raw: zmq.Socket[Any]) -> None:
+    raw.send_multipart([P, hdr(id=424242, lane="nope"), BODY])
+    header = msgpack.unpackb(recv(raw)[1])
+    assert header == {"id": 424242, "status": 404, "error": header["error"]}
+
+
+def test_oversized_frame_disconnects_only_its_sender(
+    stack_factory: Any, zctx: zmq.Context[Any]
+) -> None:
+    stack = stack_factory()
+    stack.start_broker("--max-message-bytes", "4096")
+    with stack.client(timeout=5) as good:
+        good.ping()
+        bad = zctx.socket(zmq.DEALER)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.connect(stack.frontend)
+        bad.send_multipart([P, hdr(), msgpack.packb(["x" * 10_000])])
+        assert bad.poll(500) == 0  # libzmq drops the connection: no reply by design
+        bad.close()
+        assert good.ping()["version"]  # everyone else is unaffected
