@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zembed.broker.state import BrokerState, Engine, Inflight
+from zembed.cache.bf16 import from_bf16
 
 from zembed import __version__
 from zembed import protocol as p
-from zembed.broker.state import BrokerState, Engine, Inflight
-from zembed.cache.bf16 import from_bf16
 from zembed.config import BrokerConfig
 from zembed.errors import BadRequest, ZembedError
 from zembed.messages import (

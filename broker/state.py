@@ -251,8 +251,8 @@ class BrokerState:
 
     def count(self, lane: str | None, status: int, n: int) -> None:
         """Count one answered request of ``n`` items under its status."""
-        if lane in self.stats:
-            stats = self.stats[lane]  # type: ignore[index]
+        if lane is not None and lane in self.stats:
+            stats = self.stats[lane]
             stats.requests[status] = stats.requests.get(status, 0) + 1
             stats.items[status] = stats.items.get(status, 0) + n
 

@@ -108,7 +108,7 @@ def retry_delay(exc: ZembedError, attempt: int, backoff_s: float) -> float | Non
     exponentially. Everything else is the caller's problem, not a transient one.
     """
     if exc.status == p.OVERLOADED:
-        return max(float(getattr(exc, "retry_after", 0.0)), backoff_s * (2 ** attempt) / 4)
+        return max(float(getattr(exc, "retry_after", 0.0)), backoff_s * 2.0**attempt / 4)
     if exc.status == p.UNAVAILABLE:
-        return backoff_s * (2 ** attempt)
+        return float(backoff_s * 2.0**attempt)
     return None

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from zembed.config import TextEngineConfig
 from zembed.engines.runtime import RuntimeSettings, serve
+
+from zembed.config import TextEngineConfig
 
 log = logging.getLogger("zembed.engine")
 

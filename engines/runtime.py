@@ -23,12 +23,12 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 import zmq
-
-from zembed import __version__
-from zembed import protocol as p
 from zembed.cache.bf16 import to_bf16
 from zembed.engines.batching import Job, JobQueue
 from zembed.engines.model import EmbeddingModel
+
+from zembed import __version__
+from zembed import protocol as p
 from zembed.messages import packb, unpack_header
 
 log = logging.getLogger("zembed.engine")

@@ -151,7 +151,8 @@ class TextModel:
         else:
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return pooled.cpu().numpy().astype(np.float32, copy=False)
+        result: npt.NDArray[np.float32] = pooled.cpu().numpy().astype(np.float32, copy=False)
+        return result
 
     def warmup(self, batch: int) -> dict[str, Any]:
         """Run full batches until timings settle; report the rate READY carries."""

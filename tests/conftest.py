@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import zmq
-
 from zembed.client import Client
 
 # Tests never reach a model hub.

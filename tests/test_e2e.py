@@ -6,7 +6,6 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from conftest import Stack
 from zembed.cache.bf16 import from_bf16
 from zembed.client import AsyncClient, Client

@@ -113,7 +113,7 @@ def parse_embed_header(
     return lane, kind, normalize, dtype, deadline_ms, n, input_type
 
 
-def parse_items(body: bytes, kind: str, n: int, limits: Limits) -> list[Any]:
+def parse_items(body: bytes | memoryview, kind: str, n: int, limits: Limits) -> list[Any]:
     """Decode and check the item list of an embed request body."""
     if len(body) > limits.max_request_bytes:
         raise TooLarge(f"request body is {len(body)} bytes, at most {limits.max_request_bytes}")
@@ -131,11 +131,11 @@ def parse_items(body: bytes, kind: str, n: int, limits: Limits) -> list[Any]:
         if not isinstance(item, want):
             raise BadRequest(f"item {i} must be {want.__name__}, got {type(item).__name__}")
         size = len(item)
-        if want is str and size * 4 > limits.max_item_bytes:
+        if isinstance(item, str) and size * 4 > limits.max_item_bytes:
             size = len(item.encode("utf-8", "surrogatepass"))
         if size > limits.max_item_bytes:
             raise TooLarge(f"item {i} is {size} bytes, at most {limits.max_item_bytes} allowed")
-    return items  # type: ignore[no-any-return]
+    return items
 
 
 def reply_header(
