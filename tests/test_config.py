@@ -47,3 +47,11 @@ def test_reference_covers_every_option() -> None:
     for cls in config.CONFIG_CLASSES:
         for fld in dataclasses.fields(cls):
             assert f"`{config.env_name(cls, fld.name)}`" in ref
+
+
+def test_docs_reference_is_current() -> None:
+    """docs/configuration.md must carry what `zembed config reference` prints today."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert config.reference_markdown().strip() in doc
