@@ -146,16 +146,22 @@ def start_stack(threads: int, credits: int) -> tuple[list[subprocess.Popen[bytes
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for the raw run and the engine (0 = the engine default)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    out: dict[str, Any] = {"threads": args.threads, "cpus": os.cpu_count()}
+    from zembed.engines.devices import default_threads
+
+    threads = args.threads or default_threads()
+    cores = len(os.sched_getaffinity(0))
+    out: dict[str, Any] = {"threads": threads, "cores": cores}
     say: Callable[[str], None] = (lambda s: None) if args.json else print
 
-    say(f"raw forward, {args.threads} thread(s), {args.seconds:.0f}s each ...")
-    out["raw"] = {b: raw_forward(args.threads, b, args.seconds) for b in (1, 32)}
-    procs, fe, ready_s = start_stack(args.threads, credits=128)
+    say(f"raw forward, {threads} thread(s), {args.seconds:.0f}s each ...")
+    out["raw"] = {b: raw_forward(threads, b, args.seconds) for b in (1, 32)}
+    out["raw_all_cores_32"] = raw_forward(cores, 32, args.seconds)
+    procs, fe, ready_s = start_stack(threads, credits=128)
     out["start_to_ready_s"] = ready_s
     try:
         with Client(fe, timeout=30) as c:
@@ -177,8 +183,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"\nraw forward: {out['raw'][1]:.0f} sentences/s at batch 1, "
-          f"{out['raw'][32]:.0f} at batch 32")
+    print(f"\nraw forward, {threads} thread(s) like the engine: {out['raw'][1]:.0f} sentences/s "
+          f"at batch 1, {out['raw'][32]:.0f} at batch 32 ({out['raw_all_cores_32']:.0f} at "
+          f"batch 32 on all {cores} cores, with nothing else running)")
     print(f"start to ready (broker + text engine processes): {ready_s:.2f} s")
     pr = out["ping"]
     print(f"broker ping round trip: {pr['round_trips_per_s']:.0f}/s, p50 {pr['p50_ms']:.3f} ms, "

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_threads() -> int:
+    """Available cores minus one, at least one.
+
+    Measured on the 2-core machine (benchmarks/README.md): with torch on every core, each
+    message the socket thread, broker or client handles preempts one of torch's threads, and
+    every parallel region waits for the straggler; 1-item requests ran at 0.32x the raw
+    batch-32 rate with 2 threads and 0.67x with 1.
+    """
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def resolve_device(name: str) -> torch.device:

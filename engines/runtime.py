@@ -6,6 +6,10 @@ the inference thread hands it over an inproc pipe, and reconnects with backoff w
 goes silent or says DISCONNECT. The inference thread takes batches from the job queue and runs
 the model, so a long forward pass never stops heartbeats -- unless it is stuck past
 ``stall_timeout_s``, when silence is exactly what should make the broker declare us dead.
+
+Inference runs on the process's *main* thread and the socket loop on a helper thread: measured
+here, the same torch forward pass ran 15-25% slower on a secondary thread than on the main one
+(benchmarks/README.md), and the socket loop costs next to nothing wherever it runs.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 import zmq
-from zembed.cache.bf16 import to_bf16
-from zembed.engines.batching import Job, JobQueue
-from zembed.engines.model import EmbeddingModel
 
 from zembed import __version__
 from zembed import protocol as p
+from zembed.cache.bf16 import to_bf16
+from zembed.engines.batching import Job, JobQueue
+from zembed.engines.model import EmbeddingModel
 from zembed.messages import packb, unpack_header
 
 log = logging.getLogger("zembed.engine")
@@ -84,11 +88,22 @@ class EngineRuntime:
     # -- socket thread ---------------------------------------------------------------------
 
     def run(self) -> None:
-        """Connect, register and serve; returns after :meth:`stop`."""
+        """Connect, register and serve; returns after :meth:`stop`.
+
+        Call it from the main thread: inference runs here, the socket loop on a helper thread.
+        """
         pipe = self.ctx.socket(zmq.PAIR)
         pipe.bind(self._pipe_addr)
-        worker = threading.Thread(target=self._infer_loop, name="zembed-infer", daemon=True)
-        worker.start()
+        io = threading.Thread(target=self._io_loop, args=(pipe,), name="zembed-io", daemon=True)
+        io.start()
+        try:
+            self._infer_loop()
+        finally:
+            self._stop.set()
+            io.join(timeout=5)
+
+    def _io_loop(self, pipe: zmq.Socket[Any]) -> None:
+        """The socket thread: broker traffic, heartbeats, reconnects, reply forwarding."""
         interval = self.s.heartbeat_interval_ms / 1000
         backoff = p.RECONNECT_MIN_MS / 1000
         sock = self._connect()
@@ -127,7 +142,6 @@ class EngineRuntime:
         self._send(sock, [p.DISCONNECT])
         sock.close(linger=100)
         pipe.close(linger=0)
-        worker.join(timeout=2)
 
     def stop(self) -> None:
         """Ask the engine to say DISCONNECT and exit (signal handlers call this)."""
@@ -240,7 +254,9 @@ class EngineRuntime:
             return replies
         self.busy_since = now
         try:
+            t_fwd = time.monotonic()
             vectors = self._embed(live)
+            t_fwd = time.monotonic() - t_fwd
         except Exception as exc:  # a model failure fails this batch, never the engine
             log.exception("batch of %d job(s) failed", len(live))
             return replies + [self._reply(j, p.ENGINE_ERROR, error=f"engine error: {exc}")
@@ -249,6 +265,10 @@ class EngineRuntime:
             self.busy_since = None
         self.batches += 1
         self.items += len(vectors)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch of %d job(s), %d item(s) in %.1f ms (forward %.1f ms, %d queued)",
+                      len(live), len(vectors), (time.monotonic() - now) * 1000, t_fwd * 1000,
+                      len(self.jobs))
         start = 0
         for job in live:
             end = start + len(job.items)

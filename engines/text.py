@@ -20,7 +20,7 @@ import torch
 
 from zembed import protocol as p
 from zembed.config import TextEngineConfig
-from zembed.engines.devices import dtype_name, resolve_device, resolve_dtype
+from zembed.engines.devices import default_threads, dtype_name, resolve_device, resolve_dtype
 
 log = logging.getLogger("zembed.engine.text")
 
@@ -90,8 +90,7 @@ class TextModel:
     kinds = frozenset({p.KIND_TEXT})
 
     def __init__(self, cfg: TextEngineConfig) -> None:
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(cfg.threads if cfg.threads > 0 else default_threads())
         from transformers import AutoModel, AutoTokenizer
 
         self.name, model_dir = resolve_model_dir(cfg.model)

@@ -71,7 +71,9 @@ class TextEngineConfig:
     dtype: str = _opt(
         "auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."
     )
-    threads: int = _opt(0, "torch intra-op threads; 0 = one per available core.")
+    threads: int = _opt(
+        0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
+    )
     credits: int = _opt(128, "Items this engine holds in flight (its admission budget), items.")
     max_batch: int = _opt(32, "Most items in one forward pass, items.")
     max_wait_ms: float = _opt(
