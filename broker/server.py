@@ -8,6 +8,7 @@ clients, process engines, answer expired, purge dead engines, send heartbeats.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -17,11 +18,11 @@ from typing import Any
 
 import numpy as np
 import zmq
-from zembed.broker.state import BrokerState, Engine, Inflight
-from zembed.cache.bf16 import from_bf16
 
 from zembed import __version__
 from zembed import protocol as p
+from zembed.broker.state import BrokerState, Engine, Inflight
+from zembed.cache.bf16 import from_bf16
 from zembed.config import BrokerConfig
 from zembed.errors import BadRequest, ZembedError
 from zembed.messages import (
@@ -59,7 +60,8 @@ class Broker:
         self.frontend = self._router(max_message_bytes=cfg.max_message_bytes)
         self.backend = self._router(max_message_bytes=-1)
         self.started = time.monotonic()
-        self.counters = {"client_gone": 0, "bad_client_frames": 0, "bad_engine_frames": 0}
+        self.counters = {"client_gone": 0, "bad_client_frames": 0, "bad_engine_frames": 0,
+                         "internal_errors": 0}
         self.latencies_ms: dict[str, deque[float]] = {lane: deque(maxlen=4096) for lane in cfg.lanes}
         self._running = False
 
@@ -126,7 +128,14 @@ class Broker:
                 frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle_client(frames)
+            try:
+                self.handle_client(frames)
+            except Exception:  # a bug must cost one request, never the broker
+                log.exception("internal error on a client message")
+                self.counters["internal_errors"] += 1
+                with contextlib.suppress(Exception):
+                    self.reply_error(frames[0].bytes, None, None, p.ENGINE_ERROR,
+                                     "internal broker error", 0)
 
     def handle_client(self, frames: list[zmq.Frame]) -> None:
         """Validate one client message and reply or dispatch; errors become statuses."""
@@ -233,7 +242,11 @@ class Broker:
                 frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle_engine(frames)
+            try:
+                self.handle_engine(frames)
+            except Exception:  # a bug must cost one message, never the broker
+                log.exception("internal error on an engine message")
+                self.counters["internal_errors"] += 1
 
     def handle_engine(self, frames: list[zmq.Frame]) -> None:
         """Dispatch one engine message by command; an unknown engine is told to re-register."""

@@ -6,7 +6,6 @@ Only pyzmq, msgpack and numpy are needed on the client side.
 from zembed.client.aio import AsyncClient
 from zembed.client.codec import EmbedResult
 from zembed.client.sync import Client, Pending
-
 from zembed.errors import (
     BadRequest,
     ConnectionClosed,

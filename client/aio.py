@@ -13,6 +13,8 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+
+from zembed import protocol as p
 from zembed.client.codec import (
     EmbedResult,
     decode_embed,
@@ -24,8 +26,6 @@ from zembed.client.codec import (
     retry_delay,
 )
 from zembed.client.sync import GRACE_S
-
-from zembed import protocol as p
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+
+from zembed import protocol as p
 from zembed.client.codec import (
     EmbedResult,
     decode_embed,
@@ -23,8 +25,6 @@ from zembed.client.codec import (
     reply_id,
     retry_delay,
 )
-
-from zembed import protocol as p
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
 
 #: Extra local wait past a request's deadline: the broker's own 504 should arrive first.

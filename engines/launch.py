@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from zembed.engines.runtime import RuntimeSettings, serve
-
 from zembed.config import TextEngineConfig
+from zembed.engines.runtime import RuntimeSettings, serve
 
 log = logging.getLogger("zembed.engine")
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import zmq
+
 from zembed.client import Client
 
 # Tests never reach a model hub.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zmq
 from conftest import Stack, recv
-from zembed.client import Client
 
 from zembed import protocol as p
+from zembed.client import Client
 
 P = p.CLIENT_PROTO
 

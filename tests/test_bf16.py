@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from zembed.cache.bf16 import bf16_bytes_to_f32, from_bf16, to_bf16
 
 

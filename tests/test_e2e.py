@@ -7,6 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 from conftest import Stack
+
 from zembed.cache.bf16 import from_bf16
 from zembed.client import AsyncClient, Client
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Stack
-from zembed.client import Client
 
+from zembed.client import Client
 from zembed.errors import DeadlineExceeded, EngineUnavailable, Overloaded
 
 

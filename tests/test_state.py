@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from zembed.broker.state import BrokerState
 
 from zembed import protocol as p
+from zembed.broker.state import BrokerState
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
 
 
