@@ -13,10 +13,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_text import sentences  # noqa: E402
+from bench_text import sentences
 
-from zembed.config import TextEngineConfig  # noqa: E402
-from zembed.engines.text import TextModel  # noqa: E402
+from zembed.config import TextEngineConfig
+from zembed.engines.text import TextModel
 
 
 def main() -> None:
