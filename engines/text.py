@@ -47,7 +47,14 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
     from huggingface_hub import snapshot_download
 
     # Honours HF_HUB_OFFLINE: offline, only an already-cached snapshot resolves.
-    return model, Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+    try:
+        return model, Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # hub errors are many types; the user needs one clear message
+        raise ValueError(
+            f"--model {model!r} is not a local directory, and the hub could not provide it "
+            f"({type(exc).__name__}: {exc}). Give a directory with config.json and weights, "
+            "or a hub id that is cached or reachable (HF_HUB_OFFLINE=1 forbids downloads)."
+        ) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

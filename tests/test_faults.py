@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,27 @@ def test_out_of_credits_is_429_at_once(small_stack: Stack, record_property: Any)
         lane = c.stats()["lanes"]["text"]
         assert lane["requests"]["429"] == 1 and lane["items"]["429"] == 1
         assert lane["requests"]["200"] == 1
+
+
+def test_client_retry_honours_retry_after(small_stack: Stack) -> None:
+    engine = small_stack.engine
+    assert engine is not None
+    with small_stack.client(retries=50, backoff=0.02) as c:
+        engine.signal(signal.SIGSTOP)
+        try:
+            held = c.submit("text", "text", ["a", "b", "c", "d"])
+            time.sleep(0.05)
+            retried = c.submit("text", "text", ["retried"])
+            with pytest.raises(Overloaded) as info:
+                c.result(retried)  # submit/result never retry: the refusal shows
+            assert info.value.retry_after > 0
+        finally:
+            threading.Timer(0.5, engine.signal, args=(signal.SIGCONT,)).start()
+        t0 = time.monotonic()
+        v = c.embed_texts(["retried"])  # embed() retries 429s until the credits come back
+        assert v.shape == (1, 384) and time.monotonic() - t0 >= 0.3
+        assert c.result(held).vectors.shape == (4, 384)
+        assert c.stats()["lanes"]["text"]["requests"]["429"] >= 2
 
 
 def test_deadline_is_504_and_the_credit_returns_later(small_stack: Stack) -> None:

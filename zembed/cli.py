@@ -7,7 +7,6 @@ Exit codes fit container probes: 0 success, 1 the broker answered "no" or not at
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from typing import Any
 
@@ -74,35 +73,9 @@ def start_image(args: tuple[str, ...]) -> None:
 @click.option("--ready-timeout", default=180.0, show_default=True, help="Seconds to wait for ready.")
 def up(config_file: str | None, demo: bool, ready_timeout: float) -> None:
     """Broker and engines in one supervised command; Ctrl-C stops everything cleanly."""
-    from zembed import logs
-    from zembed.supervisor import Child, Supervisor, child_argv
+    from zembed.supervisor import run_up
 
-    logs.setup("info", "up")
-    broker_cfg = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file)
-    client_cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file)
-    children = [Child("broker", child_argv("broker", config_file))]
-    children += [Child(lane, child_argv(lane, config_file)) for lane in broker_cfg.lanes]
-    sup = Supervisor(children, client_cfg.endpoint)
-    signal.signal(signal.SIGINT, sup.request_stop)
-    signal.signal(signal.SIGTERM, sup.request_stop)
-    code = 0
-    try:
-        sup.start()
-        seconds = sup.wait_ready(ready_timeout)
-        click.echo(f"zembed is ready in {seconds:.2f}s (frontend {client_cfg.endpoint}, "
-                   f"lanes {','.join(broker_cfg.lanes)})")
-        if demo:
-            from zembed import demo as demo_mod
-
-            demo_mod.run(client_cfg.endpoint)
-        else:
-            sup.watch()
-    except (TimeoutError, RuntimeError) as exc:
-        click.echo(f"zembed up failed: {exc}", err=True)
-        code = 1
-    finally:
-        sup.stop()
-    sys.exit(code)
+    sys.exit(run_up(config_file, demo=demo, ready_timeout_s=ready_timeout))
 
 
 # -- client commands -----------------------------------------------------------------------

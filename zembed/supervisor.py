@@ -14,6 +14,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import click
+
+from zembed import config as cfgmod
+from zembed import logs
 from zembed.client import Client
 from zembed.errors import ZembedError
 
@@ -57,8 +61,11 @@ class Supervisor:
         for child in self.children:
             child.start()
 
-    def wait_ready(self, timeout_s: float) -> float:
-        """Seconds until the broker says ready; raises TimeoutError (or if a child dies)."""
+    def wait_ready(self, timeout_s: float) -> float | None:
+        """Seconds until the broker says ready; None if asked to stop meanwhile.
+
+        Raises TimeoutError after ``timeout_s``, RuntimeError if a child dies first.
+        """
         t0 = time.monotonic()
         with Client(self.endpoint, timeout=1.0) as client:
             while time.monotonic() - t0 < timeout_s and not self._stopping:
@@ -72,6 +79,8 @@ class Supervisor:
                 except ZembedError:
                     pass
                 time.sleep(0.1)
+        if self._stopping:
+            return None
         raise TimeoutError(f"not ready within {timeout_s:.0f}s")
 
     def watch(self) -> None:
@@ -118,3 +127,34 @@ def child_argv(process: str, config_file: str | None) -> list[str]:
     """Command line of a ``zembed start <process>`` child with the same config file."""
     argv = [sys.executable, "-m", "zembed", "start", process]
     return argv + (["--config", config_file] if config_file else [])
+
+
+def run_up(config_file: str | None, *, demo: bool, ready_timeout_s: float) -> int:
+    """``zembed up``: broker plus one engine per configured lane; returns the exit code."""
+    logs.setup("info", "up")
+    broker_cfg = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file)
+    client_cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file)
+    children = [Child("broker", child_argv("broker", config_file))]
+    children += [Child(lane, child_argv(lane, config_file)) for lane in broker_cfg.lanes]
+    sup = Supervisor(children, client_cfg.endpoint)
+    signal.signal(signal.SIGINT, sup.request_stop)
+    signal.signal(signal.SIGTERM, sup.request_stop)
+    try:
+        sup.start()
+        seconds = sup.wait_ready(ready_timeout_s)
+        if seconds is None:  # Ctrl-C before ready: a normal, clean stop
+            return 0
+        click.echo(f"zembed is ready in {seconds:.2f}s (frontend {client_cfg.endpoint}, "
+                   f"lanes {','.join(broker_cfg.lanes)})")
+        if demo:
+            from zembed import demo as demo_mod
+
+            demo_mod.run(client_cfg.endpoint)
+        else:
+            sup.watch()
+        return 0
+    except (TimeoutError, RuntimeError) as exc:
+        click.echo(f"zembed up failed: {exc}", err=True)
+        return 1
+    finally:
+        sup.stop()

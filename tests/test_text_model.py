@@ -1,0 +1,89 @@
+"""The text model follows the model's own sentence-transformers files, and says so in its fingerprint.
+
+In-process tests of :class:`TextModel` on copies of the bundled all-MiniLM-L6-v2 directory
+(real weights, real tokenizer), with one setting changed at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zembed.config import TextEngineConfig
+from zembed.engines.text import TextModel, bundled_model_path, pooling_mode, resolve_model_dir
+
+TEXTS = ["a cat sits on the mat", "stock markets fell sharply today"]
+
+
+@pytest.fixture(scope="module")
+def base() -> TextModel:
+    return TextModel(TextEngineConfig(threads=1))
+
+
+@pytest.fixture(scope="module")
+def model_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("minilm") / "model"
+    shutil.copytree(bundled_model_path(), target)
+    return target
+
+
+def test_bundled_defaults(base: TextModel) -> None:
+    assert base.dim == 384 and base.pooling == "mean" and base.max_length == 256
+    assert base.name == "sentence-transformers/all-MiniLM-L6-v2"
+    out = base.forward("text", TEXTS)
+    assert out.shape == (2, 384) and out.dtype == np.float32
+
+
+def test_local_path_with_cls_pooling(base: TextModel, model_copy: Path, tmp_path: Path) -> None:
+    cls_dir = tmp_path / "cls"
+    shutil.copytree(model_copy, cls_dir)
+    pool = cls_dir / "1_Pooling" / "config.json"
+    cfg = json.loads(pool.read_text())
+    cfg.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    pool.write_text(json.dumps(cfg))
+    (cls_dir / "sentence_bert_config.json").write_text('{"max_seq_length": 8}')
+    model = TextModel(TextEngineConfig(model=str(cls_dir), threads=1))
+    assert model.pooling == "cls" and model.max_length == 8
+    assert model.fingerprint("text") != base.fingerprint("text")
+    cls_vec = model.forward("text", TEXTS)
+    mean_vec = base.forward("text", TEXTS)
+    assert not np.allclose(cls_vec, mean_vec, atol=1e-2)
+
+
+def test_unsupported_pooling_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        '{"pooling_mode_mean_tokens": false, "pooling_mode_max_tokens": true}')
+    with pytest.raises(ValueError, match="mean and CLS"):
+        pooling_mode(tmp_path)
+
+
+def test_prefixes_and_dtype_enter_the_fingerprint(base: TextModel) -> None:
+    cfg = TextEngineConfig(threads=1)
+    prefixed = TextModel(replace(cfg, query_prefix="query: "))
+    fp32 = TextModel(replace(cfg, dtype="fp32"))
+    fps = {base.fingerprint("text"), prefixed.fingerprint("text"), fp32.fingerprint("text")}
+    assert len(fps) == 3
+    assert prefixed.prepare("text", ["x"], "query") == ["query: x"]
+    assert prefixed.prepare("text", ["x"], None) == ["x"]
+    a, b = base.forward("text", TEXTS), fp32.forward("text", TEXTS)
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999  # bf16 compute stays faithful to fp32
+
+
+def test_truncation_at_max_length(base: TextModel) -> None:
+    long = "word " * 1000
+    enc = base.tokenizer([long], truncation=True, max_length=base.max_length)
+    assert len(enc["input_ids"][0]) == base.max_length
+    assert np.isfinite(base.forward("text", [long])).all()
+
+
+def test_unknown_hub_model_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="not a local directory"):
+        resolve_model_dir("no-such-org/no-such-model-zembed")
