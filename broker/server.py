@@ -14,6 +14,7 @@ import math
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,19 +124,27 @@ class Broker:
 
     def process_clients(self) -> None:
         """Drain and answer (or dispatch) what clients sent."""
+        self._drain(self.frontend, self.handle_client, self._reply_internal_error)
+
+    def _reply_internal_error(self, frames: list[zmq.Frame]) -> None:
+        self.reply_error(frames[0].bytes, None, None, p.ENGINE_ERROR, "internal broker error", 0)
+
+    def _drain(self, sock: zmq.Socket[Any], handle: Callable[[list[zmq.Frame]], None],
+               on_bug: Callable[[list[zmq.Frame]], None] | None = None) -> None:
+        """Handle up to DRAIN_BATCH waiting messages; a bug costs one message, not the broker."""
         for _ in range(DRAIN_BATCH):
             try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             try:
-                self.handle_client(frames)
-            except Exception:  # a bug must cost one request, never the broker
-                log.exception("internal error on a client message")
+                handle(frames)
+            except Exception:
+                log.exception("internal error on a message from %s", frames[0].bytes.hex())
                 self.counters["internal_errors"] += 1
-                with contextlib.suppress(Exception):
-                    self.reply_error(frames[0].bytes, None, None, p.ENGINE_ERROR,
-                                     "internal broker error", 0)
+                if on_bug is not None:
+                    with contextlib.suppress(Exception):
+                        on_bug(frames)
 
     def handle_client(self, frames: list[zmq.Frame]) -> None:
         """Validate one client message and reply or dispatch; errors become statuses."""
@@ -237,16 +246,7 @@ class Broker:
 
     def process_engines(self) -> None:
         """Drain and handle what engines sent."""
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                self.handle_engine(frames)
-            except Exception:  # a bug must cost one message, never the broker
-                log.exception("internal error on an engine message")
-                self.counters["internal_errors"] += 1
+        self._drain(self.backend, self.handle_engine)
 
     def handle_engine(self, frames: list[zmq.Frame]) -> None:
         """Dispatch one engine message by command; an unknown engine is told to re-register."""
