@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 
 from zembed import protocol as p
-from zembed.errors import BadRequest, TooLarge
+from zembed.errors import BadRequest, TooLarge, UnknownLane
 
 #: Headers are small maps; anything bigger is hostile or broken.
 MAX_HEADER_BYTES = 16 * 1024
@@ -86,8 +86,6 @@ def parse_embed_header(
     """Validate an embed header: (lane, kind, normalize, dtype, deadline_ms, n, input_type)."""
     lane = _field(header, "lane", str, p.LANE_TEXT)
     if lane not in lane_kinds:
-        from zembed.errors import UnknownLane
-
         raise UnknownLane(f"unknown lane {lane!r:.60}; this broker serves {sorted(lane_kinds)}")
     kind = _field(header, "kind", str, lane)
     if kind not in lane_kinds[lane]:
