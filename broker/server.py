@@ -53,8 +53,10 @@ class Broker:
     def __init__(self, cfg: BrokerConfig, ctx: zmq.Context[Any] | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context()
-        self.limits = Limits(cfg.max_items, cfg.max_item_bytes, cfg.max_request_bytes,
-                             cfg.default_deadline_ms, cfg.max_deadline_ms)
+        self.limits = Limits(
+            max_items=cfg.max_items, max_item_bytes=cfg.max_item_bytes,
+            max_image_bytes=cfg.max_image_bytes, max_request_bytes=cfg.max_request_bytes,
+            default_deadline_ms=cfg.default_deadline_ms, max_deadline_ms=cfg.max_deadline_ms)
         self.lane_kinds = {lane: p.LANE_KINDS.get(lane, frozenset({lane})) for lane in cfg.lanes}
         self.state = BrokerState(cfg.lanes, heartbeat_interval_s=cfg.heartbeat_interval_ms / 1000,
                                  liveness=cfg.heartbeat_liveness)

@@ -265,7 +265,9 @@ class BrokerState:
                 "engines": [
                     {
                         "id": e.identity.hex(), "fingerprint": e.fingerprint, "dim": e.dim,
-                        "model": e.info.get("model"), "credits_total": e.credits_total,
+                        "model": e.info.get("model"), "kinds": sorted(e.kinds),
+                        "random_weights": bool(e.info.get("random_weights", False)),
+                        "credits_total": e.credits_total,
                         "credits_free": e.credits_free,
                         "items_in_flight": e.credits_total - e.credits_free,
                         "requests_done": e.requests_done, "items_done": e.items_done,

@@ -25,6 +25,7 @@ from zembed.client.codec import (
     reply_id,
     retry_delay,
 )
+from zembed.client.images import image_items
 from zembed.client.sync import GRACE_S
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
 
@@ -53,6 +54,25 @@ class AsyncClient:
         """Embed texts on the text lane: float32 array ``(len(texts), dim)``."""
         result = await self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize,
                                   dtype=dtype, input_type=input_type, timeout=timeout)
+        return result.vectors
+
+    async def embed_images(self, images: Sequence[Any], *, normalize: bool = True,
+                    dtype: str = "f32", timeout: float | None = None) -> EmbedResult:
+        """Embed images on the image lane (CLIP image tower).
+
+        ``images``: bytes, paths (read here), ``data:`` URIs, http(s) URLs (if the engine
+        fetches), PIL images or uint8 numpy arrays (sent as PNG). Returns an EmbedResult:
+        ``vectors`` (n, dim), and ``item_errors`` for images the engine could not use (their
+        rows are zeros); one bad image never fails the others.
+        """
+        return await self.embed(p.LANE_IMAGE, p.KIND_IMAGE, image_items(images), normalize=normalize,
+                          dtype=dtype, timeout=timeout)
+
+    async def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
+                         dtype: str = "f32", timeout: float | None = None) -> Any:
+        """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
+        result = await self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
+                                dtype=dtype, timeout=timeout)
         return result.vectors
 
     async def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,

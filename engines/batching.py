@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ class Job:
     items: list[Any]
     deadline: float  # time.monotonic() after which the broker has given up on it
     generation: int  # connection generation; replies of an older one are dropped
+    prepared: Future[list[Any]] | None = None  # decoding started in the pool on arrival
 
 
 class JobQueue:

@@ -7,10 +7,19 @@ kind, and the runtime does the rest (batching, normalisation, BF16 rounding, rep
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """``prepare``'s answer for an item that cannot be embedded; it fails alone."""
+
+    status: int
+    message: str
 
 
 class EmbeddingModel(Protocol):
@@ -21,6 +30,8 @@ class EmbeddingModel(Protocol):
     kinds: frozenset[str]
     #: Output dimension.
     dim: int
+    #: Threads for ``prepare`` (decoding) so it overlaps the forward pass; 0 = run it inline.
+    prepare_workers: int
 
     def fingerprint(self, kind: str) -> str:
         """Stable id of everything that shapes the vectors of ``kind`` (model, weights, ...)."""
@@ -31,7 +42,11 @@ class EmbeddingModel(Protocol):
         ...
 
     def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
-        """Turn wire items into inputs for :meth:`forward` (prefixes, decoding)."""
+        """Turn wire items into inputs for :meth:`forward` (prefixes, decoding).
+
+        Returns one entry per item, an :class:`ItemError` for an item that cannot be used.
+        May run on a pool thread, concurrently with :meth:`forward`.
+        """
         ...
 
     def cost(self, prepared: Any) -> int:

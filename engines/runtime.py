@@ -20,18 +20,17 @@ import signal
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import numpy as np
-import numpy.typing as npt
 import zmq
 
 from zembed import __version__
 from zembed import protocol as p
-from zembed.cache.bf16 import to_bf16
 from zembed.engines.batching import Job, JobQueue
+from zembed.engines.compute import BatchRunner, Outcome
 from zembed.engines.model import EmbeddingModel
 from zembed.messages import packb, unpack_header
 
@@ -53,14 +52,6 @@ class RuntimeSettings:
     stall_timeout_s: float = 60.0
 
 
-def postprocess(vectors: npt.NDArray[np.float32], normalize: bool) -> bytes:
-    """Normalise in fp32 when asked, then round once to BF16: the bytes the wire carries."""
-    if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, np.float32(1e-12))
-    return to_bf16(vectors.astype(np.float32, copy=False)).astype("<u2", copy=False).tobytes()
-
-
 class EngineRuntime:
     """Serve one model to a broker until stopped.
 
@@ -77,10 +68,12 @@ class EngineRuntime:
         self.ready_extra = ready_extra or {}
         self.ctx = ctx or zmq.Context()
         self.jobs = JobQueue()
+        self.runner = BatchRunner(model, settings.max_batch)
+        # Decoding starts as a job arrives, so it overlaps the forward pass of the batch before.
+        self.pool = (ThreadPoolExecutor(model.prepare_workers, thread_name_prefix="zembed-prep")
+                     if model.prepare_workers > 0 else None)
         self.generation = 0
         self.busy_since: float | None = None
-        self.batches = 0
-        self.items = 0
         self._stop = threading.Event()
         self._pipe_addr = f"inproc://zembed-engine-{id(self)}"
         self._sock: zmq.Socket[Any] | None = None
@@ -101,6 +94,8 @@ class EngineRuntime:
         finally:
             self._stop.set()
             io.join(timeout=5)
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _io_loop(self, pipe: zmq.Socket[Any]) -> None:
         """The socket thread: broker traffic, heartbeats, reconnects, reply forwarding."""
@@ -206,8 +201,11 @@ class EngineRuntime:
     def _queue_job(self, raw_header: bytes, body: bytes, now: float) -> None:
         h = unpack_header(raw_header)
         items = msgpack.unpackb(body, raw=False)
-        self.jobs.put(Job(h["tok"], h["kind"], h["normalize"], h.get("input_type"), items,
-                          now + h["deadline_ms"] / 1000, self.generation))
+        job = Job(h["tok"], h["kind"], h["normalize"], h.get("input_type"), items,
+                  now + h["deadline_ms"] / 1000, self.generation)
+        if self.pool is not None:
+            job.prepared = self.pool.submit(self.model.prepare, job.kind, items, job.input_type)
+        self.jobs.put(job)
 
     def _forward_replies(self, pipe: zmq.Socket[Any], sock: zmq.Socket[Any], now: float,
                          last_sent: float) -> float:
@@ -243,62 +241,22 @@ class EngineRuntime:
     def run_batch(self, batch: list[Job]) -> list[list[Any]]:
         """Embed one batch; return pipe messages ``[generation, REPLY, header, body]``."""
         now = time.monotonic()
-        replies: list[list[Any]] = []
-        live: list[Job] = []
-        for job in batch:
-            if job.deadline <= now:
-                replies.append(self._reply(job, p.DEADLINE_EXCEEDED, error="deadline passed"))
-            else:
-                live.append(job)
-        if not live:
-            return replies
         self.busy_since = now
         try:
-            t_fwd = time.monotonic()
-            vectors = self._embed(live)
-            t_fwd = time.monotonic() - t_fwd
-        except Exception as exc:  # a model failure fails this batch, never the engine
-            log.exception("batch of %d job(s) failed", len(live))
-            return replies + [self._reply(j, p.ENGINE_ERROR, error=f"engine error: {exc}")
-                              for j in live]
+            outcomes = self.runner.run(batch, now)
         finally:
             self.busy_since = None
-        self.batches += 1
-        self.items += len(vectors)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("batch of %d job(s), %d item(s) in %.1f ms (forward %.1f ms, %d queued)",
-                      len(live), len(vectors), (time.monotonic() - now) * 1000, t_fwd * 1000,
-                      len(self.jobs))
-        start = 0
-        for job in live:
-            end = start + len(job.items)
-            body = postprocess(vectors[start:end], job.normalize)
-            replies.append(self._reply(job, p.OK, body=body, n=len(job.items)))
-            start = end
-        return replies
+        return [self._reply(o) for o in outcomes]
 
-    def _embed(self, jobs: list[Job]) -> npt.NDArray[np.float32]:
-        """Forward all items of ``jobs`` (one kind) sorted by cost, in max_batch chunks."""
-        kind = jobs[0].kind
-        inputs: list[Any] = []
-        for job in jobs:
-            inputs += self.model.prepare(kind, job.items, job.input_type)
-        order = sorted(range(len(inputs)), key=lambda i: self.model.cost(inputs[i]))
-        out = np.empty((len(inputs), self.model.dim), dtype=np.float32)
-        step = self.s.max_batch
-        for lo in range(0, len(order), step):
-            idx = order[lo:lo + step]
-            out[idx] = self.model.forward(kind, [inputs[i] for i in idx])
-        return out
-
-    def _reply(self, job: Job, status: int, *, error: str | None = None, body: bytes = b"",
-               n: int = 0) -> list[Any]:
-        header: dict[str, Any] = {"tok": job.token, "status": status}
-        if status == p.OK:
-            header.update(dtype=p.DTYPE_BF16, shape=[n, self.model.dim])
-        if error is not None:
-            header["error"] = error
-        return [_GEN.pack(job.generation), p.REPLY, packb(header), body]
+    def _reply(self, o: Outcome) -> list[Any]:
+        header: dict[str, Any] = {"tok": o.job.token, "status": o.status}
+        if o.status == p.OK:
+            header.update(dtype=p.DTYPE_BF16, shape=[o.n, self.model.dim])
+        if o.error is not None:
+            header["error"] = o.error
+        if o.item_errors:
+            header["item_errors"] = o.item_errors
+        return [_GEN.pack(o.job.generation), p.REPLY, packb(header), o.body]
 
 
 def serve(model: EmbeddingModel, settings: RuntimeSettings,

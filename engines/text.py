@@ -95,6 +95,7 @@ class TextModel:
 
     lane = p.LANE_TEXT
     kinds = frozenset({p.KIND_TEXT})
+    prepare_workers = 0  # adding a prefix is cheaper than a thread hop
 
     def __init__(self, cfg: TextEngineConfig) -> None:
         torch.set_num_threads(cfg.threads if cfg.threads > 0 else default_threads())

@@ -73,8 +73,9 @@ class Stack:
     engine: Proc | None = None  # the engine a test singles out, where it needs one
 
     def start_broker(self, *args: str) -> Proc:
+        """A broker serving the text lane only, unless ``args`` say otherwise."""
         proc = spawn("broker", ["start", "broker", "--frontend", self.frontend,
-                                "--backend", self.backend,
+                                "--backend", self.backend, "--lanes", "text",
                                 "--heartbeat-interval-ms", str(HEARTBEAT_MS), *args])
         self.broker = proc
         self.procs.append(proc)

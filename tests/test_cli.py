@@ -23,6 +23,7 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "zembed.toml"
     path.write_text(
         f'[broker]\nfrontend = "tcp://127.0.0.1:{fe}"\nbackend = "tcp://127.0.0.1:{be}"\n'
+        'lanes = ["text"]\n'
         f'[text]\nbroker = "tcp://127.0.0.1:{be}"\nthreads = 1\n'
         f'[client]\nendpoint = "tcp://127.0.0.1:{fe}"\n')
     return path
@@ -66,7 +67,7 @@ def test_embed_text_json(shared_stack: Stack) -> None:
                          timeout=60)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert [r["text"] for r in rows] == ["hello world", "second text"]
+    assert [r["input"] for r in rows] == ["hello world", "second text"]
     assert all(r["dim"] == 384 and len(r["vector"]) == 384 for r in rows)
 
 

@@ -71,6 +71,21 @@ def test_bad_bodies(body: bytes, n: int, error: type[ZembedError]) -> None:
 def test_good_bodies() -> None:
     assert parse_items(msgpack.packb(["", "é" * 16]), "text", 2, LIMITS) == ["", "é" * 16]
     assert parse_items(msgpack.packb([b"\x89PNG"]), "image", 1, LIMITS) == [b"\x89PNG"]
+    uris = ["data:image/png;base64,AAAA", "https://example.com/a.jpg"]
+    assert parse_items(msgpack.packb(uris), "image", 2, LIMITS) == uris
+    assert parse_items(msgpack.packb([b""]), "image", 1, LIMITS) == [b""]  # the engine says why
+
+
+@pytest.mark.parametrize(("items", "error"), [
+    (["just text"], BadRequest),
+    ([7], BadRequest),
+    (["file:///etc/passwd"], BadRequest),
+    ([b"x" * 2000], TooLarge),
+])
+def test_bad_image_items(items: list[Any], error: type[ZembedError]) -> None:
+    limits = Limits(max_items=8, max_image_bytes=1000)
+    with pytest.raises(error):
+        parse_items(msgpack.packb(items), "image", len(items), limits)
 
 
 @pytest.mark.parametrize("raw", [b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({1: 2}),

@@ -14,6 +14,7 @@ import click
 
 from zembed import __version__
 from zembed import config as cfgmod
+from zembed import protocol as p
 from zembed.clioptions import config_file_option, config_options
 
 
@@ -57,11 +58,21 @@ def start_text(config_file: str | None, **flags: Any) -> None:
     serve_text(cfg)
 
 
-@start.command("image", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def start_image(args: tuple[str, ...]) -> None:
-    """Run an image engine (open_clip) -- not built yet."""
-    raise click.ClickException("the image engine is not built yet (it lands with the image lane)")
+@start.command("image")
+@config_file_option
+@config_options(cfgmod.ImageEngineConfig)
+def start_image(config_file: str | None, **flags: Any) -> None:
+    """Run an image engine (open_clip: images and CLIP text) for the broker at --broker."""
+    from zembed import logs
+    from zembed.engines.image import WeightsUnavailable
+    from zembed.engines.launch import serve_image
+
+    cfg = cfgmod.load(cfgmod.ImageEngineConfig, config_file=config_file, flags=flags)
+    logs.setup(cfg.log_level, "image")
+    try:
+        serve_image(cfg)
+    except WeightsUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 # -- up ------------------------------------------------------------------------------------
@@ -93,28 +104,75 @@ def embed() -> None:
     """Embed inputs through the broker and print the vectors."""
 
 
-@embed.command("text")
-@click.argument("texts", nargs=-1, required=True)
-@click.option("--normalize/--no-normalize", default=True, show_default=True)
-@click.option("--input-type", type=click.Choice(["query", "document"]), default=None)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per input.")
-@config_file_option
-@config_options(cfgmod.ClientConfig)
-def embed_text(texts: tuple[str, ...], normalize: bool, input_type: str | None, as_json: bool,
-               config_file: str | None, **flags: Any) -> None:
-    """Embed TEXTS on the text lane."""
+def _embed_options(func: Any) -> Any:
+    for opt in (
+        click.option("--normalize/--no-normalize", default=True, show_default=True),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per input."),
+        config_file_option,
+        config_options(cfgmod.ClientConfig),
+    ):
+        func = opt(func)
+    return func
+
+
+def _embed_and_print(lane: str, kind: str, labels: tuple[str, ...], items: list[Any],
+                     as_json: bool, config_file: str | None, flags: dict[str, Any],
+                     **kw: Any) -> None:
+    """Embed ``items``, print one line (or JSON object) per input; errors exit 1."""
     from zembed.errors import ZembedError
 
     with _client(config_file, flags) as client:
         try:
-            vectors = client.embed_texts(list(texts), normalize=normalize, input_type=input_type)
+            result = client.embed(lane, kind, items, **kw)
         except ZembedError as exc:
             raise click.ClickException(f"{type(exc).__name__} ({exc.status}): {exc}") from None
-    for text, vec in zip(texts, vectors, strict=True):
+    for i, (label, vec) in enumerate(zip(labels, result.vectors, strict=True)):
+        error = result.item_errors.get(i)
         if as_json:
-            click.echo(json.dumps({"text": text, "dim": len(vec), "vector": vec.tolist()}))
+            row: dict[str, Any] = {"input": label, "dim": len(vec)}
+            row.update({"error": list(error)} if error else {"vector": vec.tolist()})
+            click.echo(json.dumps(row))
+        elif error:
+            click.echo(f"{label}\terror {error[0]}: {error[1]}")
         else:
-            click.echo(f"{text}\t" + " ".join(f"{x:.6g}" for x in vec))
+            click.echo(f"{label}\t" + " ".join(f"{x:.6g}" for x in vec))
+
+
+@embed.command("text")
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--input-type", type=click.Choice(["query", "document"]), default=None)
+@_embed_options
+def embed_text(texts: tuple[str, ...], normalize: bool, input_type: str | None, as_json: bool,
+               config_file: str | None, **flags: Any) -> None:
+    """Embed TEXTS on the text lane."""
+    _embed_and_print(p.LANE_TEXT, p.KIND_TEXT, texts, list(texts), as_json, config_file, flags,
+                     normalize=normalize, input_type=input_type)
+
+
+@embed.command("image")
+@click.argument("paths", nargs=-1, required=True)
+@_embed_options
+def embed_image(paths: tuple[str, ...], normalize: bool, as_json: bool, config_file: str | None,
+                **flags: Any) -> None:
+    """Embed image files (or data:/http(s) URIs) PATHS on the image lane."""
+    from zembed.client.images import image_items
+
+    try:
+        items = image_items(list(paths))
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    _embed_and_print(p.LANE_IMAGE, p.KIND_IMAGE, paths, list(items), as_json, config_file, flags,
+                     normalize=normalize)
+
+
+@embed.command("clip-text")
+@click.argument("texts", nargs=-1, required=True)
+@_embed_options
+def embed_clip_text(texts: tuple[str, ...], normalize: bool, as_json: bool,
+                    config_file: str | None, **flags: Any) -> None:
+    """Embed TEXTS with the CLIP text tower of the image lane (to search images)."""
+    _embed_and_print(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, list(texts), as_json, config_file,
+                     flags, normalize=normalize)
 
 
 def _probe(op: str, config_file: str | None, flags: dict[str, Any]) -> None:

@@ -37,17 +37,21 @@ class BrokerConfig:
     frontend: str = _opt(p.DEFAULT_FRONTEND, "Endpoint the client ROUTER binds (tcp/ipc).")
     backend: str = _opt(p.DEFAULT_BACKEND, "Endpoint the engine ROUTER binds (tcp/ipc).")
     lanes: tuple[str, ...] = _opt(
-        (p.LANE_TEXT,), "Lanes this broker serves (comma-separated); `ready` needs all of them."
+        (p.LANE_TEXT, p.LANE_IMAGE),
+        "Lanes this broker serves (comma-separated); `ready` needs all of them.",
     )
     heartbeat_interval_ms: int = _opt(p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to engines, ms.")
     heartbeat_liveness: int = _opt(
         p.HEARTBEAT_LIVENESS, "Missed heartbeat intervals after which an engine is dead."
     )
     max_items: int = _opt(256, "Most items in one request (413 above).")
-    max_item_bytes: int = _opt(65_536, "Most bytes in one item (UTF-8 text or image), 413 above.")
-    max_request_bytes: int = _opt(16 << 20, "Most bytes in one request body, 413 above.")
+    max_item_bytes: int = _opt(65_536, "Most UTF-8 bytes in one text item, 413 above.")
+    max_image_bytes: int = _opt(
+        10 << 20, "Most bytes in one image item (encoded image or URL), 413 above."
+    )
+    max_request_bytes: int = _opt(64 << 20, "Most bytes in one request body, 413 above.")
     max_message_bytes: int = _opt(
-        64 << 20, "ZMQ_MAXMSGSIZE on the frontend: a bigger frame disconnects its sender, bytes."
+        80 << 20, "ZMQ_MAXMSGSIZE on the frontend: a bigger frame disconnects its sender, bytes."
     )
     default_deadline_ms: int = _opt(
         p.DEFAULT_DEADLINE_MS, "Deadline for requests that carry none, ms."
@@ -93,6 +97,62 @@ class TextEngineConfig:
 
 
 @dataclass(frozen=True)
+class ImageEngineConfig:
+    """Settings of an image engine process (``zembed start image``): open_clip, images + CLIP text."""
+
+    section: ClassVar[str] = "image"
+
+    broker: str = _opt(p.DEFAULT_BACKEND, "Broker backend endpoint to connect to.")
+    lane: str = _opt(p.LANE_IMAGE, "Lane this engine registers for.")
+    model: str = _opt("ViT-B-32", "open_clip architecture name (see open_clip.list_models()).")
+    pretrained: str = _opt(
+        "openai", "open_clip pretrained tag (downloaded where a network allows) or checkpoint file."
+    )
+    model_config: str = _opt(
+        "", "JSON file with an open_clip model config to register (its name is the file stem)."
+    )
+    random_weights: bool = _opt(
+        False, "Serve seeded random weights instead (smoke tests, benchmarks); flagged everywhere."
+    )
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
+    dtype: str = _opt(
+        "auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."
+    )
+    threads: int = _opt(
+        0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
+    )
+    credits: int = _opt(16, "Items this engine holds in flight (its admission budget), items.")
+    max_batch: int = _opt(16, "Most items in one forward pass, items.")
+    max_wait_ms: float = _opt(
+        0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
+    )
+    decode_workers: int = _opt(
+        0, "Threads decoding and preprocessing images; 0 = half the available cores (>= 1)."
+    )
+    draft: bool = _opt(
+        True, "Decode JPEGs at reduced scale when still >= the model's input size (faster)."
+    )
+    max_pixels: int = _opt(
+        40_000_000, "Largest image accepted, in pixels (decompression-bomb guard), pixels."
+    )
+    min_side: int = _opt(8, "Smallest accepted width or height, pixels.")
+    fetch_urls: bool = _opt(False, "Allow http(s) URLs as image items (off by default).")
+    fetch_allow_hosts: tuple[str, ...] = _opt(
+        (), "Hosts URLs may point to (comma-separated); required when fetch_urls is on."
+    )
+    fetch_max_bytes: int = _opt(10 << 20, "Largest download per URL, bytes.")
+    fetch_timeout_s: float = _opt(5.0, "Timeout of one URL download, s.")
+    heartbeat_interval_ms: int = _opt(p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to the broker, ms.")
+    heartbeat_liveness: int = _opt(
+        p.HEARTBEAT_LIVENESS, "Missed broker heartbeats after which the engine reconnects."
+    )
+    stall_timeout_s: float = _opt(
+        60.0, "A forward pass running longer than this stops heartbeats (engine reported dead), s."
+    )
+    log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """Settings the CLI's client commands use (``zembed embed``, ``ping``, ``ready``...)."""
 
@@ -102,7 +162,9 @@ class ClientConfig:
     timeout_s: float = _opt(10.0, "Deadline of each request, s.")
 
 
-CONFIG_CLASSES: tuple[type[Any], ...] = (BrokerConfig, TextEngineConfig, ClientConfig)
+CONFIG_CLASSES: tuple[type[Any], ...] = (
+    BrokerConfig, TextEngineConfig, ImageEngineConfig, ClientConfig,
+)
 
 
 def env_name(cls: type[Any], name: str) -> str:

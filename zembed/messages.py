@@ -44,7 +44,8 @@ class Limits:
 
     max_items: int = 256
     max_item_bytes: int = 65_536
-    max_request_bytes: int = 16 << 20
+    max_image_bytes: int = 10 << 20
+    max_request_bytes: int = 64 << 20
     default_deadline_ms: int = p.DEFAULT_DEADLINE_MS
     max_deadline_ms: int = 300_000
 
@@ -124,16 +125,34 @@ def parse_items(body: bytes | memoryview, kind: str, n: int, limits: Limits) -> 
     if not isinstance(items, list) or len(items) != n:
         got = len(items) if isinstance(items, list) else type(items).__name__
         raise BadRequest(f"body must be a msgpack array of n={n} items, got {got}")
-    want = str if kind in p.TEXT_KINDS else bytes
+    check = _check_text if kind in p.TEXT_KINDS else _check_image
     for i, item in enumerate(items):
-        if not isinstance(item, want):
-            raise BadRequest(f"item {i} must be {want.__name__}, got {type(item).__name__}")
-        size = len(item)
-        if isinstance(item, str) and size * 4 > limits.max_item_bytes:
-            size = len(item.encode("utf-8", "surrogatepass"))
-        if size > limits.max_item_bytes:
-            raise TooLarge(f"item {i} is {size} bytes, at most {limits.max_item_bytes} allowed")
+        check(i, item, limits)
     return items
+
+
+#: Image items may be text only as one of these (the engine decodes or fetches them).
+IMAGE_URI_PREFIXES = ("data:", "http://", "https://")
+
+
+def _check_text(i: int, item: Any, limits: Limits) -> None:
+    if not isinstance(item, str):
+        raise BadRequest(f"item {i} must be str, got {type(item).__name__}")
+    size = len(item)
+    if size * 4 > limits.max_item_bytes:  # only then can the UTF-8 size exceed the limit
+        size = len(item.encode("utf-8", "surrogatepass"))
+    if size > limits.max_item_bytes:
+        raise TooLarge(f"item {i} is {size} bytes, at most {limits.max_item_bytes} allowed")
+
+
+def _check_image(i: int, item: Any, limits: Limits) -> None:
+    if isinstance(item, str):
+        if not item.startswith(IMAGE_URI_PREFIXES):
+            raise BadRequest(f"image item {i} must be bytes, a data: URI or an http(s) URL")
+    elif not isinstance(item, bytes):
+        raise BadRequest(f"image item {i} must be bytes, got {type(item).__name__}")
+    if len(item) > limits.max_image_bytes:
+        raise TooLarge(f"image item {i} is {len(item)} bytes, at most {limits.max_image_bytes}")
 
 
 def reply_header(

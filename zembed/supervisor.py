@@ -107,12 +107,18 @@ class Supervisor:
         self._stopping = True
 
     def stop(self) -> None:
-        """SIGTERM every child (engines first), then SIGKILL whatever outlives the grace."""
-        for child in reversed(self.children):
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+        """SIGTERM the engines, then the broker (so engines leave a live broker cleanly);
+        SIGKILL whatever outlives the grace period."""
         deadline = time.monotonic() + GRACE_S
-        for child in reversed(self.children):
+        engines, broker = self.children[1:], self.children[:1]
+        for group in (engines, broker):
+            for child in group:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            self._reap(group, deadline)
+
+    def _reap(self, children: list[Child], deadline: float) -> None:
+        for child in children:
             if child.proc is None:
                 continue
             try:

@@ -1,0 +1,100 @@
+"""One batch of jobs in, one outcome per job out: prepare, forward, post-process.
+
+Free of sockets and threads, so the engine runtime stays about I/O and this stays about
+numbers. Items that cannot be embedded (a corrupt image) come back from ``prepare`` as
+:class:`ItemError`; they fail alone, with a zero row and an entry in ``item_errors``, and the
+rest of the request gets its vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from zembed import protocol as p
+from zembed.cache.bf16 import to_bf16
+from zembed.engines.batching import Job
+from zembed.engines.model import EmbeddingModel, ItemError
+
+log = logging.getLogger("zembed.engine")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to reply for one job."""
+
+    job: Job
+    status: int
+    body: bytes = b""
+    n: int = 0
+    error: str | None = None
+    item_errors: list[list[Any]] | None = None
+
+
+def postprocess(vectors: npt.NDArray[np.float32], normalize: bool) -> bytes:
+    """Normalise in fp32 when asked, then round once to BF16: the bytes the wire carries."""
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.maximum(norms, np.float32(1e-12))
+    return to_bf16(vectors.astype(np.float32, copy=False)).astype("<u2", copy=False).tobytes()
+
+
+class BatchRunner:
+    """Runs batches of one kind through a model, ``max_batch`` inputs per forward pass."""
+
+    def __init__(self, model: EmbeddingModel, max_batch: int) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        self.batches = 0
+        self.items = 0
+
+    def run(self, batch: list[Job], now: float) -> list[Outcome]:
+        """Outcomes for every job: 504 if expired, 500 if the model failed, else vectors."""
+        outcomes = [Outcome(j, p.DEADLINE_EXCEEDED, error="deadline passed")
+                    for j in batch if j.deadline <= now]
+        live = [j for j in batch if j.deadline > now]
+        if not live:
+            return outcomes
+        try:
+            prepared = [self._prepared(job) for job in live]
+            vectors = self._forward(live[0].kind, prepared)
+        except Exception as exc:  # a model failure fails this batch, never the engine
+            log.exception("batch of %d job(s) failed", len(live))
+            return outcomes + [Outcome(j, p.ENGINE_ERROR, error=f"engine error: {exc}")
+                               for j in live]
+        self.batches += 1
+        self.items += len(vectors)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch of %d job(s), %d item(s) in %.1f ms", len(live), len(vectors),
+                      (time.monotonic() - now) * 1000)
+        start = 0
+        for job, inputs in zip(live, prepared, strict=True):
+            end = start + len(inputs)
+            errors = [[i, x.status, x.message] for i, x in enumerate(inputs)
+                      if isinstance(x, ItemError)]
+            outcomes.append(Outcome(job, p.OK, postprocess(vectors[start:end], job.normalize),
+                                    len(inputs), item_errors=errors or None))
+            start = end
+        return outcomes
+
+    def _prepared(self, job: Job) -> list[Any]:
+        """The job's prepared inputs: from the decode pool if it ran there, else now."""
+        if job.prepared is not None:
+            return job.prepared.result()
+        return self.model.prepare(job.kind, job.items, job.input_type)
+
+    def _forward(self, kind: str, prepared: list[list[Any]]) -> npt.NDArray[np.float32]:
+        """All good inputs, sorted by cost to cut padding, in ``max_batch`` chunks."""
+        inputs = [x for job_inputs in prepared for x in job_inputs]
+        out = np.zeros((len(inputs), self.model.dim), dtype=np.float32)
+        good = [i for i, x in enumerate(inputs) if not isinstance(x, ItemError)]
+        good.sort(key=lambda i: self.model.cost(inputs[i]))
+        for lo in range(0, len(good), self.max_batch):
+            idx = good[lo:lo + self.max_batch]
+            out[idx] = self.model.forward(kind, [inputs[i] for i in idx])
+        return out
