@@ -92,8 +92,3 @@ def test_config_show_applies_environment(config_file: Path) -> None:
                          env={**__import__("os").environ, "ZEMBED_TEXT_CREDITS": "42"})
     assert out.returncode == 0
     assert "credits = 42" in out.stdout and "threads = 1" in out.stdout
-
-
-def test_image_engine_says_not_built() -> None:
-    out = subprocess.run([*ZEMBED, "start", "image"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 1 and "not built yet" in out.stderr
