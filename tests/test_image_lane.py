@@ -221,3 +221,55 @@ def test_vit_b_32_with_random_weights(stack_factory: Callable[[], Stack]) -> Non
         assert c.embed_clip_texts(["a photo"]).shape == (1, 512)
         engine = c.stats()["lanes"]["image"]["engines"][0]
         assert engine["random_weights"] is True and engine["model"] == "ViT-B-32"
+
+
+def test_async_client_images_and_clip_texts(lanes: Stack) -> None:
+    async def main() -> tuple[object, np.ndarray]:
+        async with AsyncClient(lanes.frontend, timeout=20) as c:
+            return await asyncio.gather(c.embed_images([png(1), b""]),
+                                        c.embed_clip_texts(["a red shoe"]))
+
+    images, texts = asyncio.run(main())
+    with lanes.client() as c:
+        want = c.embed_images([png(1)]).vectors[0]
+    assert np.array_equal(images.vectors[0], want)  # type: ignore[attr-defined]
+    assert list(images.item_errors) == [1]  # type: ignore[attr-defined]
+    assert texts.shape == (1, 32)
+
+
+def test_cli_embed_image_and_clip_text(lanes: Stack, tmp_path: Path) -> None:
+    good, bad = write(tmp_path / "good.png", png(1)), write(tmp_path / "bad.png", b"nope")
+    out = subprocess.run([sys.executable, "-m", "zembed", "embed", "image", str(good), str(bad),
+                          "--json", "--endpoint", lanes.frontend],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert rows[0]["input"] == str(good) and len(rows[0]["vector"]) == 32
+    assert rows[1]["error"][0] == 400
+    out = subprocess.run([sys.executable, "-m", "zembed", "embed", "clip-text", "a red shoe",
+                          "--endpoint", lanes.frontend], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and len(out.stdout.split("\t")[1].split()) == 32
+    missing = subprocess.run([sys.executable, "-m", "zembed", "embed", "image",
+                              str(tmp_path / "missing.jpg"), "--endpoint", lanes.frontend],
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and "missing.jpg" in missing.stderr
+
+
+def test_up_brings_the_image_engine_too(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    from conftest import free_port
+
+    fe, be = free_port(), free_port()
+    config = tmp_path / "zembed.toml"
+    config.write_text(
+        f'[broker]\nfrontend = "tcp://127.0.0.1:{fe}"\nbackend = "tcp://127.0.0.1:{be}"\n'
+        f'[text]\nbroker = "tcp://127.0.0.1:{be}"\nthreads = 1\n'
+        f'[image]\nbroker = "tcp://127.0.0.1:{be}"\nthreads = 1\nmodel = "zembed-tiny"\n'
+        f'model_config = "{tiny[0]}"\npretrained = "{tiny[1]}"\n'
+        f'[client]\nendpoint = "tcp://127.0.0.1:{fe}"\n')
+    out = subprocess.run([sys.executable, "-m", "zembed", "up", "--demo", "--config",
+                          str(config)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lanes text,image" in out.stdout
+    assert "shape (4, 32); item errors: {3: (400," in out.stdout
+    assert "RANDOM" not in out.stdout  # real (tiny) weights from a file
