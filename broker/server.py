@@ -13,7 +13,6 @@ import logging
 import math
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -22,8 +21,11 @@ import zmq
 
 from zembed import __version__
 from zembed import protocol as p
-from zembed.broker.state import BrokerState, Engine, Inflight
-from zembed.cache.bf16 import from_bf16
+from zembed.broker.flow import EmbedFlow
+from zembed.broker.pending import ClientRequest
+from zembed.broker.replies import Replier
+from zembed.broker.state import BrokerState
+from zembed.cache.backends import Cache, open_cache
 from zembed.config import BrokerConfig
 from zembed.errors import BadRequest, ZembedError
 from zembed.messages import (
@@ -48,9 +50,11 @@ class Broker:
 
     :param cfg: the broker's configuration.
     :param ctx: ZeroMQ context to use (a new one by default; tests may share theirs).
+    :param cache: cache backend (by default the one ``cfg.cache`` names).
     """
 
-    def __init__(self, cfg: BrokerConfig, ctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, cfg: BrokerConfig, ctx: zmq.Context[Any] | None = None,
+                 cache: Cache | None = None) -> None:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context()
         self.limits = Limits(
@@ -65,7 +69,13 @@ class Broker:
         self.started = time.monotonic()
         self.counters = {"client_gone": 0, "bad_client_frames": 0, "bad_engine_frames": 0,
                          "internal_errors": 0}
-        self.latencies_ms: dict[str, deque[float]] = {lane: deque(maxlen=4096) for lane in cfg.lanes}
+        self.cache = cache if cache is not None else open_cache(
+            cfg.cache, ttl_s=cfg.cache_ttl_s, timeout_s=cfg.cache_timeout_ms / 1000,
+            memory_items=cfg.cache_memory_items)
+        self.replier = Replier(self.frontend, self.state, self.counters)
+        self.flow = EmbedFlow(self.state, self.cache, self.replier, self.backend,
+                              cfg.cache_prefix)
+        self._batch: list[ClientRequest] = []
         self._running = False
 
     def _router(self, *, max_message_bytes: int) -> zmq.Socket[Any]:
@@ -82,8 +92,8 @@ class Broker:
         """Bind both sockets; endpoints come from the config."""
         self.frontend.bind(self.cfg.frontend)
         self.backend.bind(self.cfg.backend)
-        log.info("broker %s: clients on %s, engines on %s, lanes %s", __version__,
-                 self.cfg.frontend, self.cfg.backend, ",".join(self.cfg.lanes))
+        log.info("broker %s: clients on %s, engines on %s, lanes %s, cache %s", __version__,
+                 self.cfg.frontend, self.cfg.backend, ",".join(self.cfg.lanes), self.cache.name)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -94,7 +104,12 @@ class Broker:
         poller.register(self.backend, zmq.POLLIN)
         self._running = True
         while self._running:
-            timeout_ms = math.ceil(self.state.next_timer(time.monotonic()) * 1000)
+            now = time.monotonic()
+            timeout_s = self.state.next_timer(now)
+            deadline = self.flow.pending.next_deadline()
+            if deadline is not None:
+                timeout_s = min(timeout_s, max(0.0, deadline - now))
+            timeout_ms = math.ceil(timeout_s * 1000)
             events = dict(poller.poll(max(1, timeout_ms)))
             if self.frontend in events:
                 self.process_clients()
@@ -111,25 +126,26 @@ class Broker:
         self._running = False
 
     def shutdown(self) -> None:
-        """Answer everything in flight with 503, tell engines, close the sockets."""
-        for token in list(self.state.inflight):
-            req = self.state.inflight.pop(token)
-            if not req.answered:
-                self.reply_error(req.client, req.request_id, req.lane, p.UNAVAILABLE,
-                                 "broker shutting down", req.n)
+        """Answer everything in flight with 503, tell engines, close sockets and cache."""
+        self.flow.abort_all("broker shutting down")
         for engine in list(self.state.engines.values()):
             self.send_engine(engine.identity, p.DISCONNECT, {"reason": "broker shutting down"})
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
+        self.cache.close()
 
     # -- clients ---------------------------------------------------------------------------
 
     def process_clients(self) -> None:
-        """Drain and answer (or dispatch) what clients sent."""
+        """Drain what clients sent; then serve this turn's embed requests together."""
         self._drain(self.frontend, self.handle_client, self._reply_internal_error)
+        batch, self._batch = self._batch, []
+        if batch:
+            for identity in self.flow.submit(batch, time.monotonic()):
+                self.engine_lost(identity, "unreachable")
 
     def _reply_internal_error(self, frames: list[zmq.Frame]) -> None:
-        self.reply_error(frames[0].bytes, None, None, p.ENGINE_ERROR, "internal broker error", 0)
+        self.replier.error(frames[0].bytes, None, None, p.ENGINE_ERROR, "internal broker error", 0)
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[list[zmq.Frame]], None],
                on_bug: Callable[[list[zmq.Frame]], None] | None = None) -> None:
@@ -149,7 +165,7 @@ class Broker:
                         on_bug(frames)
 
     def handle_client(self, frames: list[zmq.Frame]) -> None:
-        """Validate one client message and reply or dispatch; errors become statuses."""
+        """Validate one client message: answer it, or queue it for this turn's embed batch."""
         identity = frames[0].bytes
         rid: int | None = None
         lane: str | None = None
@@ -171,30 +187,15 @@ class Broker:
                 raise BadRequest(f"an embed request has 3 frames, got {len(frames) - 1}")
             lane, kind, normalize, dtype, deadline_ms, n, input_type = parse_embed_header(
                 header, self.lane_kinds, self.limits)
-            parse_items(frames[3].buffer, kind, n, self.limits)
-            self.dispatch(identity, rid, lane, kind, normalize, dtype, deadline_ms, n,
-                          input_type, frames[3])
+            items = parse_items(frames[3].buffer, kind, n, self.limits)
         except ZembedError as exc:
             if exc.status == p.BAD_REQUEST:
                 self.counters["bad_client_frames"] += 1
-            retry = getattr(exc, "retry_after", None)
-            self.reply_error(identity, rid, lane, exc.status, exc.message, n,
-                             retry_after_ms=None if retry is None else math.ceil(retry * 1000))
-
-    def dispatch(
-        self, identity: bytes, rid: int, lane: str, kind: str, normalize: bool, dtype: str,
-        deadline_ms: int, n: int, input_type: str | None, body: zmq.Frame,
-    ) -> None:
-        """Admit by credits and send the request to the engine with the most free credits."""
+            self.replier.error(identity, rid, lane, exc.status, exc.message, n)
+            return
         now = time.monotonic()
-        engine = self.state.admit(lane, n, now)
-        req = self.state.dispatch(engine, identity, rid, n, dtype, now + deadline_ms / 1000, now)
-        header = {"tok": req.token, "kind": kind, "normalize": normalize, "n": n,
-                  "deadline_ms": deadline_ms}
-        if input_type is not None:
-            header["input_type"] = input_type
-        if not self.send_engine(engine.identity, p.REQUEST, header, body):
-            self.engine_lost(engine.identity, "unreachable")
+        self._batch.append(ClientRequest(identity, rid, lane, kind, normalize, dtype, input_type,
+                                         items, now + deadline_ms / 1000, now))
 
     def answer_management(self, identity: bytes, rid: int, op: str) -> None:
         """Answer ping/health/ready/stats at once from the loop's own state."""
@@ -211,38 +212,21 @@ class Broker:
             body.update(self.stats_snapshot(now))
         elif op == p.OP_HEALTH:
             body["status"] = "ok"
-        self.send_client(identity, [p.CLIENT_PROTO, reply_header(rid, status, error=error),
-                                    packb(body)])
+        self.replier.send(identity, [p.CLIENT_PROTO, reply_header(rid, status, error=error),
+                                     packb(body)])
 
     def stats_snapshot(self, now: float) -> dict[str, Any]:
         """State snapshot plus broker counters and latency percentiles per lane."""
         snap = self.state.snapshot(now)
-        for lane, lat in self.latencies_ms.items():
+        for lane, lat in self.replier.latencies_ms.items():
             if lat:
                 q = np.percentile(np.fromiter(lat, dtype=np.float64), [50, 90, 99])
                 snap["lanes"][lane]["latency_ms"] = {
                     "p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3),
                     "p99": round(float(q[2]), 3), "window": len(lat)}
         snap["counters"] = dict(self.counters)
+        snap["cache"] = {**self.cache.state(), "corrupt": self.flow.cache_corrupt}
         return snap
-
-    def reply_error(
-        self, identity: bytes, rid: int | None, lane: str | None, status: int, error: str,
-        n: int, *, retry_after_ms: int | None = None,
-    ) -> None:
-        """Send an error reply (empty body) and count it under its lane."""
-        self.state.count(lane, status, n)
-        header = reply_header(rid, status, error=error, retry_after_ms=retry_after_ms)
-        self.send_client(identity, [p.CLIENT_PROTO, header, _EMPTY])
-
-    def send_client(self, identity: bytes, frames: list[Any]) -> None:
-        """Send to a client without ever blocking; a vanished client is counted, not fatal."""
-        try:
-            self.frontend.send_multipart([identity, *frames], zmq.DONTWAIT, copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            self.counters["client_gone"] += 1
 
     # -- engines ---------------------------------------------------------------------------
 
@@ -276,7 +260,7 @@ class Broker:
                 self.state.late_replies += 1
             self.send_engine(identity, p.DISCONNECT, {"reason": "not registered"})
         elif cmd == p.REPLY and len(frames) == 5:
-            self.handle_reply(engine, header, frames[4], now)
+            self.flow.on_reply(engine, header, frames[4], now)
         elif cmd != p.HEARTBEAT:
             self.counters["bad_engine_frames"] += 1
 
@@ -290,33 +274,6 @@ class Broker:
             return
         log.info("engine %s joined lane %s: %s dim=%d credits=%d", identity.hex(), engine.lane,
                  engine.info.get("model"), engine.dim, engine.credits_total)
-
-    def handle_reply(self, engine: Engine, header: dict[str, Any], body: zmq.Frame,
-                     now: float) -> None:
-        """Return credits and forward the engine's answer to its client (unless already 504)."""
-        token = header.get("tok")
-        req = self.state.complete(engine.identity, token, now) if isinstance(token, int) else None
-        if req is None or req.answered:
-            return
-        status = header.get("status")
-        if status != p.OK:
-            status = status if status in p.STATUSES else p.ENGINE_ERROR
-            self.reply_error(req.client, req.request_id, req.lane, status,
-                             str(header.get("error", "engine error")), req.n)
-            return
-        buf = body.buffer
-        if len(buf) != req.n * engine.dim * 2:
-            self.reply_error(req.client, req.request_id, req.lane, p.ENGINE_ERROR,
-                             f"engine sent {len(buf)} bytes for {req.n}x{engine.dim} bf16", req.n)
-            return
-        out: Any = body
-        if req.dtype == p.DTYPE_F32:
-            out = from_bf16(np.frombuffer(buf, dtype="<u2")).tobytes()
-        rh = reply_header(req.request_id, p.OK, dtype=req.dtype, shape=(req.n, engine.dim),
-                          item_errors=header.get("item_errors"))
-        self.state.count(req.lane, p.OK, req.n)
-        self.latencies_ms[req.lane].append((now - req.started) * 1000)
-        self.send_client(req.client, [p.CLIENT_PROTO, rh, out])
 
     def send_engine(self, identity: bytes, cmd: bytes, header: dict[str, Any] | None = None,
                     body: Any = None) -> bool:
@@ -337,21 +294,16 @@ class Broker:
     def engine_lost(self, identity: bytes, why: str) -> None:
         """Remove an engine and answer its in-flight requests with 503 at once."""
         engine = self.state.engines.get(identity)
-        lost: list[Inflight] = self.state.remove(identity)
+        answered = self.flow.on_engine_lost(self.state.remove(identity), why)
         if engine is not None:
             log.warning("engine %s of lane %s lost (%s); %d request(s) answered 503",
-                        identity.hex(), engine.lane, why, len(lost))
-        for req in lost:
-            self.reply_error(req.client, req.request_id, req.lane, p.UNAVAILABLE,
-                             f"engine lost ({why}) with the request in flight; safe to retry", req.n)
+                        identity.hex(), engine.lane, why, answered)
 
     # -- timers ----------------------------------------------------------------------------
 
     def answer_expired(self, now: float) -> None:
         """504 for requests past their deadline; their credits stay held until the engine answers."""
-        for req in self.state.expire(now):
-            self.reply_error(req.client, req.request_id, req.lane, p.DEADLINE_EXCEEDED,
-                             "deadline exceeded while the engine was computing", req.n)
+        self.flow.expire(now)
 
     def purge_dead_engines(self, now: float) -> None:
         """Declare engines silent for the liveness period dead."""

@@ -7,7 +7,6 @@ All times are ``time.monotonic()`` seconds passed in by the caller, so tests con
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 from collections import deque
@@ -46,18 +45,22 @@ class Engine:
 
 @dataclass(slots=True)
 class Inflight:
-    """A request dispatched to an engine and not yet replied to by it."""
+    """An engine request not yet replied to: it holds ``n`` credits of ``engine``."""
 
     token: int
-    client: bytes
-    request_id: int
     lane: str
     engine: bytes
     n: int
-    dtype: str
     deadline: float
     started: float
-    answered: bool = False  # the client already got its answer (504); the credit is still held
+
+
+@dataclass(slots=True)
+class LaneModel:
+    """What the lane's engines announced: kept after they die, so cache hits still resolve."""
+
+    dim: int
+    fingerprints: dict[str, str]
 
 
 @dataclass(slots=True)
@@ -67,6 +70,9 @@ class LaneStats:
     requests: dict[int, int] = field(default_factory=lambda: dict.fromkeys(p.STATUSES, 0))
     items: dict[int, int] = field(default_factory=lambda: dict.fromkeys(p.STATUSES, 0))
     items_dispatched: int = 0
+    cache_hits: dict[str, int] = field(default_factory=dict)
+    cache_misses: dict[str, int] = field(default_factory=dict)
+    single_flight_joins: int = 0
     late_replies: int = 0
     engines_registered: int = 0
     engines_lost: int = 0
@@ -90,7 +96,7 @@ class BrokerState:
         self.inflight: dict[int, Inflight] = {}
         self.stats: dict[str, LaneStats] = {lane: LaneStats() for lane in lanes}
         self.late_replies = 0
-        self._deadlines: list[tuple[float, int]] = []
+        self.models: dict[str, LaneModel] = {}
         self._tokens = itertools.count(1)
         self._completions: dict[str, deque[tuple[float, int]]] = {lane: deque() for lane in lanes}
 
@@ -118,12 +124,16 @@ class BrokerState:
             raise BadRequest(
                 f"lane {lane!r} serves model {peers[0].fingerprint}; engine has {fingerprint}"
             )
+        fingerprints = ready.get("fingerprints")
+        if not isinstance(fingerprints, dict) or not fingerprints:
+            fingerprints = {kind: fingerprint for kind in kinds}
         info = {k: v for k, v in ready.items() if isinstance(k, str)}
         engine = Engine(identity, lane, kinds, fingerprint, dim, credits, max_batch, info,
                         expires_at=now + self.expiry_s, last_sent=now)
         self.engines[identity] = engine
         peers.append(engine)
         self.stats[lane].engines_registered += 1
+        self.models[lane] = LaneModel(dim, {str(k): str(v) for k, v in fingerprints.items()})
         return engine
 
     def touch(self, identity: bytes, now: float) -> Engine | None:
@@ -134,14 +144,13 @@ class BrokerState:
         return engine
 
     def remove(self, identity: bytes) -> list[Inflight]:
-        """Drop an engine (dead, disconnected, unreachable); return its unanswered requests."""
+        """Drop an engine (dead, disconnected, unreachable); return its engine requests."""
         engine = self.engines.pop(identity, None)
         if engine is None:
             return []
         self.by_lane[engine.lane].remove(engine)
         self.stats[engine.lane].engines_lost += 1
-        lost = [self.inflight.pop(t) for t in engine.inflight if t in self.inflight]
-        return [r for r in lost if not r.answered]
+        return [self.inflight.pop(t) for t in engine.inflight if t in self.inflight]
 
     def dead_engines(self, now: float) -> list[bytes]:
         """Identities of engines silent past the liveness expiry."""
@@ -176,19 +185,14 @@ class BrokerState:
             retry_after=self.retry_after_ms(lane, n - best.credits_free, now) / 1000,
         )
 
-    def dispatch(
-        self, engine: Engine, client: bytes, rid: int, n: int, dtype: str, deadline: float,
-        now: float,
-    ) -> Inflight:
-        """Take ``n`` credits from ``engine`` and record the request as in flight."""
-        token = next(self._tokens)
-        req = Inflight(token, client, rid, engine.lane, engine.identity, n, dtype, deadline, now)
+    def dispatch(self, engine: Engine, n: int, deadline: float, now: float) -> Inflight:
+        """Take ``n`` credits from ``engine`` and record the engine request as in flight."""
+        req = Inflight(next(self._tokens), engine.lane, engine.identity, n, deadline, now)
         engine.credits_free -= n
-        engine.inflight.add(token)
+        engine.inflight.add(req.token)
         engine.last_sent = now
-        self.inflight[token] = req
+        self.inflight[req.token] = req
         self.stats[engine.lane].items_dispatched += n
-        heapq.heappush(self._deadlines, (deadline, token))
         return req
 
     def complete(self, identity: bytes, token: int, now: float) -> Inflight | None:
@@ -209,17 +213,6 @@ class BrokerState:
             window.popleft()
         return req
 
-    def expire(self, now: float) -> list[Inflight]:
-        """Requests whose deadline passed: mark answered (credit kept) and return them."""
-        expired: list[Inflight] = []
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, token = heapq.heappop(self._deadlines)
-            req = self.inflight.get(token)
-            if req is not None and not req.answered:
-                req.answered = True
-                expired.append(req)
-        return expired
-
     # -- estimates and views -------------------------------------------------------------
 
     def lane_rate(self, lane: str, now: float) -> float:
@@ -237,10 +230,8 @@ class BrokerState:
         return max(1, min(10_000, math.ceil(missing / rate * 1000)))
 
     def next_timer(self, now: float) -> float:
-        """Seconds until something time-based is due (deadline, heartbeat, expiry), >= 0."""
+        """Seconds until a heartbeat or an engine expiry is due, >= 0."""
         due = now + self.heartbeat_interval_s
-        if self._deadlines:
-            due = min(due, self._deadlines[0][0])
         for engine in self.engines.values():
             due = min(due, engine.expires_at, engine.last_sent + self.heartbeat_interval_s)
         return max(0.0, due - now)
@@ -280,6 +271,8 @@ class BrokerState:
                 "requests": {str(k): v for k, v in st.requests.items()},
                 "items": {str(k): v for k, v in st.items.items()},
                 "items_dispatched": st.items_dispatched,
+                "cache_hits": dict(st.cache_hits), "cache_misses": dict(st.cache_misses),
+                "single_flight_joins": st.single_flight_joins,
                 "items_per_s": round(self.lane_rate(lane, now), 1),
                 "engines_registered": st.engines_registered,
                 "engines_lost": st.engines_lost,

@@ -73,9 +73,13 @@ class Stack:
     engine: Proc | None = None  # the engine a test singles out, where it needs one
 
     def start_broker(self, *args: str) -> Proc:
-        """A broker serving the text lane only, unless ``args`` say otherwise."""
+        """A broker serving the text lane only, without a cache, unless ``args`` say otherwise.
+
+        (Without a cache every request reaches an engine, which is what most tests are about;
+        the cache tests give their own ``--cache``.)
+        """
         proc = spawn("broker", ["start", "broker", "--frontend", self.frontend,
-                                "--backend", self.backend, "--lanes", "text",
+                                "--backend", self.backend, "--lanes", "text", "--cache", "off",
                                 "--heartbeat-interval-ms", str(HEARTBEAT_MS), *args])
         self.broker = proc
         self.procs.append(proc)

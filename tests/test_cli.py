@@ -23,7 +23,7 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "zembed.toml"
     path.write_text(
         f'[broker]\nfrontend = "tcp://127.0.0.1:{fe}"\nbackend = "tcp://127.0.0.1:{be}"\n'
-        'lanes = ["text"]\n'
+        'lanes = ["text"]\ncache = "off"\n'
         f'[text]\nbroker = "tcp://127.0.0.1:{be}"\nthreads = 1\n'
         f'[client]\nendpoint = "tcp://127.0.0.1:{fe}"\n')
     return path

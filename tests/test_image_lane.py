@@ -54,15 +54,19 @@ def tiny_args(tiny: tuple[Path, Path]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lanes(tiny: tuple[Path, Path]) -> Iterator[Stack]:
-    """Broker serving both lanes, one text engine, one tiny image engine (16 credits, fp32)."""
+    """Broker serving both lanes, one text engine, one tiny image engine (16 credits, fp32).
+
+    Default 1 s heartbeats: the saturation test oversubscribes the 2 cores on purpose, and
+    liveness is tested elsewhere.
+    """
     from conftest import new_stack, spawn
 
     stack = new_stack()
     try:
-        stack.start_broker("--lanes", "text,image")
-        stack.start_text()
+        stack.start_broker("--lanes", "text,image", "--heartbeat-interval-ms", "1000")
+        stack.start_text("--heartbeat-interval-ms", "1000")
         stack.engine = spawn("image", ["start", "image", "--broker", stack.backend,
-                                       "--heartbeat-interval-ms", "200", "--threads", "1",
+                                       "--heartbeat-interval-ms", "1000", "--threads", "1",
                                        "--credits", "16", "--max-batch", "4", "--dtype", "fp32",
                                        *tiny_args(tiny)])
         stack.procs.append(stack.engine)
@@ -160,10 +164,13 @@ def test_image_lane_saturation_never_touches_text(lanes: Stack) -> None:
     image_status: dict[str, int] = {"ok": 0, "429": 0, "other": 0}
     text_latencies: list[float] = []
 
-    async def flood(c: AsyncClient, stop: float) -> None:
+    # Distinct images per flooder: identical ones would be computed once (single-flight).
+    photos = [jpeg(seed, 320, 240) for seed in range(64)]
+
+    async def flood(c: AsyncClient, stop: float, k: int) -> None:
         while time.monotonic() < stop:
             try:
-                await c.embed_images([jpeg(1, 320, 240)] * 4)
+                await c.embed_images(photos[4 * k:4 * k + 4])
                 image_status["ok"] += 1
             except Overloaded:
                 image_status["429"] += 1
@@ -180,7 +187,7 @@ def test_image_lane_saturation_never_touches_text(lanes: Stack) -> None:
     async def main() -> None:
         stop = time.monotonic() + 3.0
         async with AsyncClient(lanes.frontend, timeout=20) as c:
-            await asyncio.gather(texts(c, stop), *(flood(c, stop) for _ in range(16)))
+            await asyncio.gather(texts(c, stop), *(flood(c, stop, k) for k in range(16)))
 
     with lanes.client() as c:
         before = c.stats()["lanes"]["text"]["requests"]

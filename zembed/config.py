@@ -57,6 +57,16 @@ class BrokerConfig:
         p.DEFAULT_DEADLINE_MS, "Deadline for requests that carry none, ms."
     )
     max_deadline_ms: int = _opt(300_000, "Longest deadline a request may ask for, ms.")
+    cache: str = _opt(
+        "auto", "auto (Redis on 127.0.0.1:6379 if it answers at start, else memory), off, "
+        "memory, or a redis://, rediss:// (TLS) or unix:// URL.",
+    )
+    cache_ttl_s: int = _opt(7 * 24 * 3600, "Expiry of each cached vector, s.")
+    cache_timeout_ms: int = _opt(
+        50, "Longest wait for one cache read before it counts as a miss and an error, ms."
+    )
+    cache_memory_items: int = _opt(200_000, "Vectors kept by the in-process memory cache.")
+    cache_prefix: str = _opt("zembed", "Prefix of every cache key (several zembeds, one Redis).")
     log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
 
 

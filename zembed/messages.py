@@ -163,7 +163,7 @@ def reply_header(
     retry_after_ms: int | None = None,
     dtype: str | None = None,
     shape: tuple[int, int] | None = None,
-    cached: int = 0,
+    cached: list[int] | None = None,
     item_errors: list[list[Any]] | None = None,
 ) -> bytes:
     """Encode a broker -> client reply header (absent fields are omitted, not null)."""
@@ -175,7 +175,9 @@ def reply_header(
     if dtype is not None:
         h["dtype"] = dtype
         h["shape"] = list(shape or (0, 0))
-        h["cached"] = cached
+        h["cached"] = len(cached or ())
+        if cached:
+            h["cached_idx"] = cached
     if item_errors:
         h["item_errors"] = item_errors
     return packb(h)

@@ -1,0 +1,183 @@
+"""The embed path of the broker: cache first, then credits, then an engine; and back.
+
+Per loop turn the broker hands :meth:`EmbedFlow.submit` every embed request that arrived
+together. They share one cache lookup (one MGET). Each request is then filled from hits,
+joined to flights already in the air for the same inputs, and only what is left (each
+distinct input once) is admitted by credits and sent to an engine. Replies fill every waiter
+and go back to the cache after the clients have their answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import zmq
+
+from zembed import protocol as p
+from zembed.broker.pending import ClientRequest, PendingTable, item_errors_by_position
+from zembed.broker.replies import Replier
+from zembed.broker.state import BrokerState, Engine, Inflight
+from zembed.cache.backends import Cache
+from zembed.cache.keys import item_keys, key_prefix
+from zembed.cache.values import decode_value, encode_value
+from zembed.errors import ZembedError
+from zembed.messages import packb
+
+log = logging.getLogger("zembed.broker")
+
+
+class EmbedFlow:
+    """Cache lookup, single-flight, admission and dispatch of embed requests."""
+
+    def __init__(self, state: BrokerState, cache: Cache, replier: Replier,
+                 backend: zmq.Socket[Any], cache_prefix: str) -> None:
+        self.state = state
+        self.cache = cache
+        self.replier = replier
+        self.backend = backend
+        self.cache_prefix = cache_prefix
+        self.pending = PendingTable()
+        self.cache_corrupt = 0
+
+    # -- requests in -----------------------------------------------------------------------
+
+    def submit(self, batch: list[ClientRequest], now: float) -> list[bytes]:
+        """Serve a turn's requests; returns engines found unreachable while dispatching."""
+        for req in batch:
+            model = self.state.models.get(req.lane)
+            fingerprint = model.fingerprints.get(req.kind) if model else None
+            req.keys = (item_keys(key_prefix(self.cache_prefix, req.kind, fingerprint,
+                                             req.normalize, req.input_type), req.items)
+                        if fingerprint else [None] * req.n)
+        hits = self.lookup(batch)
+        lost: list[bytes] = []
+        for req in batch:
+            model = self.state.models.get(req.lane)
+            if model is None:  # no engine ever announced this lane's model: nothing to hit
+                self.replier.request_error(req, p.UNAVAILABLE,
+                                           f"no engine serves lane {req.lane!r} right now")
+                continue
+            gone = self.serve(req, [hits.get(k) if k else None for k in req.keys], model.dim, now)
+            if gone is not None:
+                lost.append(gone)
+        return lost
+
+    def lookup(self, batch: list[ClientRequest]) -> dict[bytes, bytes]:
+        """One cache round trip for all keys of the batch: key -> BF16 words of valid hits."""
+        wanted: dict[bytes, int] = {}
+        for req in batch:
+            model = self.state.models.get(req.lane)
+            for key in req.keys:
+                if key is not None and model is not None:
+                    wanted[key] = model.dim
+        if not wanted:
+            return {}
+        keys = list(wanted)
+        found: dict[bytes, bytes] = {}
+        for key, value in zip(keys, self.cache.get_many(keys), strict=True):
+            if value is None:
+                continue
+            words = decode_value(value, wanted[key])
+            if words is None:
+                self.cache_corrupt += 1  # a miss; the computed vector will overwrite it
+            else:
+                found[key] = words
+        return found
+
+    def serve(self, req: ClientRequest, hits: list[bytes | None], dim: int,
+              now: float) -> bytes | None:
+        """Fill, join, admit, dispatch; returns an engine identity if it proved unreachable."""
+        plan = self.pending.plan(req, hits, dim)
+        stats = self.state.stats[req.lane]
+        stats.cache_hits[req.kind] = stats.cache_hits.get(req.kind, 0) + len(req.cached)
+        stats.cache_misses[req.kind] = stats.cache_misses.get(req.kind, 0) + (
+            req.n - len(req.cached))
+        stats.single_flight_joins += req.joined
+        if not plan.send:
+            if req.missing == 0:
+                self.replier.vectors(req, now)
+            else:
+                self.pending.track(req)
+            return None
+        try:
+            engine = self.state.admit(req.lane, len(plan.send), now)
+        except ZembedError as exc:
+            retry = getattr(exc, "retry_after", None)
+            self.replier.request_error(req, exc.status, exc.message,
+                                       None if retry is None else math.ceil(retry * 1000))
+            return None
+        flight = self.state.dispatch(engine, len(plan.send), req.deadline, now)
+        self.pending.launch(flight.token, req, plan)
+        self.pending.track(req)
+        if not self.send_request(engine, flight, req, [req.items[i] for i in plan.send]):
+            return engine.identity
+        return None
+
+    def send_request(self, engine: Engine, flight: Inflight, req: ClientRequest,
+                     items: list[Any]) -> bool:
+        header: dict[str, Any] = {
+            "tok": flight.token, "kind": req.kind, "normalize": req.normalize, "n": len(items),
+            "deadline_ms": max(1, math.ceil((req.deadline - time.monotonic()) * 1000))}
+        if req.input_type is not None:
+            header["input_type"] = req.input_type
+        frames = [engine.identity, p.ENGINE_PROTO, p.REQUEST, packb(header), packb(items)]
+        try:
+            self.backend.send_multipart(frames, zmq.DONTWAIT, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            return False
+        return True
+
+    # -- engine results in -----------------------------------------------------------------
+
+    def on_reply(self, engine: Engine, header: dict[str, Any], body: zmq.Frame,
+                 now: float) -> None:
+        """Return credits, fill every waiter of the flight, then write fresh rows back."""
+        token = header.get("tok")
+        flight = self.state.complete(engine.identity, token, now) if isinstance(token, int) \
+            else None
+        if flight is None:
+            return
+        status = header.get("status")
+        buf = body.buffer
+        if status == p.OK and len(buf) != flight.n * engine.dim * 2:
+            status, header = p.ENGINE_ERROR, {
+                "error": f"engine sent {len(buf)} bytes for {flight.n}x{engine.dim} bf16"}
+        if status != p.OK:
+            status = status if status in p.STATUSES else p.ENGINE_ERROR
+            for req in self.pending.fail(flight.token):
+                self.replier.request_error(req, status, str(header.get("error", "engine error")))
+            return
+        done, fresh = self.pending.land(flight.token, buf,
+                                        item_errors_by_position(header.get("item_errors")))
+        for req in done:
+            self.replier.vectors(req, now)
+        if fresh:
+            self.cache.set_many([(key, encode_value(words, engine.dim)) for key, words in fresh])
+
+    def on_engine_lost(self, flights: list[Inflight], why: str) -> int:
+        """503 for every request waiting on the lost engine's flights; how many were answered."""
+        answered = 0
+        for flight in flights:
+            for req in self.pending.fail(flight.token):
+                self.replier.request_error(
+                    req, p.UNAVAILABLE, f"engine lost ({why}) with the request in flight; "
+                    "safe to retry")
+                answered += 1
+        return answered
+
+    def expire(self, now: float) -> None:
+        """504 for requests past their deadline; their flights keep their credits."""
+        for req in self.pending.expire(now):
+            self.replier.request_error(req, p.DEADLINE_EXCEEDED,
+                                       "deadline exceeded while the engine was computing")
+
+    def abort_all(self, why: str) -> None:
+        """503 for everything still waiting (broker shutdown)."""
+        for token in list(self.pending.flights):
+            for req in self.pending.fail(token):
+                self.replier.request_error(req, p.UNAVAILABLE, why)
