@@ -90,7 +90,7 @@ class EmbedFlow:
     def serve(self, req: ClientRequest, hits: list[bytes | None], dim: int,
               now: float) -> bytes | None:
         """Fill, join, admit, dispatch; returns an engine identity if it proved unreachable."""
-        plan = self.pending.plan(req, hits, dim)
+        plan = self.pending.plan(req, hits, dim, now)
         stats = self.state.stats[req.lane]
         stats.cache_hits[req.kind] = stats.cache_hits.get(req.kind, 0) + len(req.cached)
         stats.cache_misses[req.kind] = stats.cache_misses.get(req.kind, 0) + (

@@ -16,6 +16,9 @@ from typing import Any
 
 from zembed import protocol as p
 
+#: A flight this far from its deadline is safe to join even for a request with a later one.
+JOIN_MARGIN_S = 1.0
+
 
 @dataclass(slots=True, eq=False)
 class ClientRequest:
@@ -79,12 +82,16 @@ class PendingTable:
         self._deadlines: list[tuple[float, int, ClientRequest]] = []
         self._seq = itertools.count()
 
-    def plan(self, req: ClientRequest, hits: list[bytes | None], dim: int) -> Plan:
+    def plan(self, req: ClientRequest, hits: list[bytes | None], dim: int,
+             now: float) -> Plan:
         """Fill cache hits, join flights in the air; return the item indices still to send.
 
         Items with the same key as an earlier one in the request are not sent twice: they wait
-        on the first one's row. ``hits[i]`` are the BF16 words of item ``i`` or None.
+        on the first one's row. ``hits[i]`` are the BF16 words of item ``i`` or None. A flight is
+        joined only if it will not be dropped as expired while the joiner still has time: its
+        deadline is no earlier than the joiner's, or at least ``JOIN_MARGIN_S`` away.
         """
+        join_after = min(req.deadline, now + JOIN_MARGIN_S)
         req.dim = dim
         req.rows = bytearray(2 * dim * req.n)
         req.missing = req.n
@@ -97,7 +104,7 @@ class PendingTable:
                 continue
             if key is not None:
                 flight = self.by_key.get(key)
-                if flight is not None and flight[0].deadline >= req.deadline:
+                if flight is not None and flight[0].deadline >= join_after:
                     flight[0].waiters[flight[1]].append((req, i))
                     req.joined += 1
                     continue

@@ -30,12 +30,14 @@ class EmbedResult:
 
     ``vectors`` is float32 ``(n, dim)``, or raw BF16 words (uint16) when ``dtype="bf16"`` was
     asked for (widen with :func:`zembed.cache.bf16.from_bf16`). ``cached`` counts items served
-    from the cache; ``item_errors`` maps item index to (status, message) for failed items.
+    from the cache and ``cached_items`` lists their indices; ``item_errors`` maps item index to
+    (status, message) for failed items.
     """
 
     vectors: npt.NDArray[Any]
     cached: int = 0
     item_errors: dict[int, tuple[int, str]] = field(default_factory=dict)
+    cached_items: list[int] = field(default_factory=list)
 
 
 def embed_frames(
@@ -85,7 +87,8 @@ def decode_embed(header: dict[str, Any], body: bytes) -> EmbedResult:
     dtype = np.dtype("<f4") if header["dtype"] == p.DTYPE_F32 else np.dtype("<u2")
     vectors = np.frombuffer(body, dtype=dtype).reshape(rows, dim)
     errors = {int(i): (int(s), str(m)) for i, s, m in header.get("item_errors") or []}
-    return EmbedResult(vectors, int(header.get("cached", 0)), errors)
+    return EmbedResult(vectors, int(header.get("cached", 0)), errors,
+                       [int(i) for i in header.get("cached_idx") or []])
 
 
 def decode_op(header: dict[str, Any], body: bytes, *, raise_on_error: bool) -> dict[str, Any]:

@@ -6,6 +6,7 @@ broken build fails a test instead of hanging the suite.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,3 +177,93 @@ def recv(sock: zmq.Socket[Any], timeout: float = 5.0) -> list[bytes]:
     if not sock.poll(int(timeout * 1000)):
         pytest.fail(f"nothing received within {timeout}s")
     return sock.recv_multipart()
+
+
+# -- a tiny open_clip model, made by the tests --------------------------------------------
+
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                       "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
+                     "layers": 2}}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model config file, checkpoint file) of a tiny open_clip CLIP with fixed weights."""
+    import open_clip
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    config = folder / "zembed-tiny.json"
+    config.write_text(json.dumps(TINY))
+    open_clip.add_model_config(config)
+    torch.manual_seed(1234)
+    model = open_clip.create_model("zembed-tiny")
+    weights = folder / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    return config, weights
+
+
+def tiny_args(tiny: tuple[Path, Path]) -> list[str]:
+    return ["--model", "zembed-tiny", "--model-config", str(tiny[0]), "--pretrained",
+            str(tiny[1])]
+
+
+# -- a Redis of the test's own, on a random port ---------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A throwaway redis-server (nothing on disk) that tests may kill and restart."""
+
+    port: int
+    workdir: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        pytest.fail(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()

@@ -17,39 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Stack
+from conftest import Stack, tiny_args
 from images import bomb_png, data_uri, encode, jpeg, picture, png, write
 
 from zembed.client import AsyncClient, Client, Overloaded
 from zembed.errors import ZembedError
-
-TINY = {"embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
-                       "head_width": 32},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2,
-                     "layers": 2}}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(model config file, checkpoint file) of a tiny open_clip CLIP with fixed weights."""
-    import open_clip
-    import torch
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    config = folder / "zembed-tiny.json"
-    config.write_text(json.dumps(TINY))
-    open_clip.add_model_config(config)
-    torch.manual_seed(1234)
-    model = open_clip.create_model("zembed-tiny")
-    weights = folder / "tiny.pt"
-    torch.save(model.state_dict(), weights)
-    return config, weights
-
-
-def tiny_args(tiny: tuple[Path, Path]) -> list[str]:
-    return ["--model", "zembed-tiny", "--model-config", str(tiny[0]), "--pretrained",
-            str(tiny[1])]
 
 
 @pytest.fixture(scope="module")
