@@ -228,3 +228,41 @@ def test_redis_killed_and_restarted(redis_server: RedisServer) -> None:
             assert c.stats()["cache"]["up"] is True
     finally:
         stack.close()
+
+
+def test_cache_cli_warm_stats_purge(cached: Stack, module_redis: RedisServer,
+                                    tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    texts = fresh(5)
+    (tmp_path / "inputs.txt").write_text("\n".join(texts) + "\n\n")
+    z = [sys.executable, "-m", "zembed", "cache"]
+    where = ["--endpoint", cached.frontend]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run([*z, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out
+
+    warmed = json.loads(run("warm", str(tmp_path / "inputs.txt"), *where).stdout)
+    assert warmed["items"] == 5 and warmed["failed"] == 0
+    with cached.client() as c:
+        hit_when_written(lambda: c.embed("text", "text", texts))
+        hit_when_written(lambda: c.embed("image", "image", [png(77)]))
+    stats = json.loads(run("stats", "--json", "--redis", module_redis.url, *where).stdout)
+    assert stats["broker"]["kinds"]["text"]["hits"] >= 5
+    assert 0 < stats["broker"]["kinds"]["text"]["hit_ratio"] <= 1
+    groups = {g["kind"]: g for g in stats["redis"]["groups"]}
+    assert groups["text"]["keys"] >= 5 and groups["text"]["bytes_estimate"] > 5 * 768
+    fingerprint = groups["text"]["fingerprint"]
+    purged = run("purge", "--model", fingerprint, "--redis", module_redis.url)
+    assert int(purged.stdout.split()[1]) == groups["text"]["keys"]
+    left = json.loads(run("stats", "--json", "--redis", module_redis.url, *where).stdout)
+    assert {g["kind"] for g in left["redis"]["groups"]} == {"image"}  # other models untouched
+    with cached.client() as c:
+        assert c.embed("text", "text", texts).cached == 0  # gone from Redis
+    refused = subprocess.run([*z, "purge", "--redis", module_redis.url], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "--all" in refused.stderr

@@ -206,6 +206,116 @@ for _op, _help in (("ping", "Round trip to the broker (exit 1 if no answer)."),
 
 
 @main.group()
+def cache() -> None:
+    """Inspect, purge and warm the embedding cache."""
+
+
+def _redis_url(config_file: str | None, redis_url: str | None) -> str:
+    if redis_url:
+        return redis_url
+    spec = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file).cache
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return spec
+    if spec == "auto":
+        return "redis://127.0.0.1:6379/0"
+    raise click.ClickException(f"the broker's cache is {spec!r}, not Redis; give --redis URL")
+
+
+_redis_option = click.option("--redis", "redis_url", default=None,
+                             help="Redis URL (default: the broker config's cache).")
+_prefix_option = click.option("--prefix", default=None, help="Key prefix (default: config's).")
+
+
+@cache.command("stats")
+@_redis_option
+@_prefix_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_file_option
+@config_options(cfgmod.ClientConfig)
+def cache_stats(redis_url: str | None, prefix: str | None, as_json: bool,
+                config_file: str | None, **flags: Any) -> None:
+    """Hits, misses and hit ratio per kind (from the broker); keys and memory (from Redis)."""
+    from zembed.errors import ZembedError
+    from zembed.tools import cachetool
+
+    out: dict[str, Any] = {}
+    with _client(config_file, flags) as client:
+        try:
+            out["broker"] = cachetool.broker_cache_stats(client.stats())
+        except ZembedError as exc:
+            out["broker"] = {"error": f"{type(exc).__name__}: {exc}"}
+    prefix = prefix or cfgmod.load(cfgmod.BrokerConfig, config_file=config_file).cache_prefix
+    try:
+        out["redis"] = cachetool.redis_usage(
+            cachetool.redis_client(_redis_url(config_file, redis_url)), prefix)
+    except Exception as exc:  # no Redis is a fact to report, not a crash
+        out["redis"] = {"error": f"{type(exc).__name__}: {exc}"}
+    if as_json:
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    backend = out["broker"].get("backend", {})
+    click.echo(f"broker cache: {json.dumps(backend, sort_keys=True)}")
+    for kind, row in sorted(out["broker"].get("kinds", {}).items()):
+        click.echo(f"  {kind:10} hits {row['hits']:>10}  misses {row['misses']:>10}  "
+                   f"hit ratio {row['hit_ratio']}")
+    redis = out["redis"]
+    if "error" in redis:
+        click.echo(f"redis: {redis['error']}")
+        return
+    click.echo(f"redis: {redis['keys']} keys, ~{redis['bytes_estimate']} bytes under "
+               f"{prefix!r}; used_memory {redis['redis_used_memory']}, maxmemory "
+               f"{redis['redis_maxmemory']} ({redis['redis_maxmemory_policy']})")
+    for g in redis["groups"]:
+        click.echo(f"  {g['kind']:10} {g['fingerprint']:32} {g['keys']:>10} keys "
+                   f"~{g['bytes_estimate']} bytes")
+
+
+@cache.command("purge")
+@click.option("--kind", type=click.Choice(sorted(p.TEXT_KINDS | {p.KIND_IMAGE})), default=None)
+@click.option("--model", "fingerprint", default=None, help="Model fingerprint (see stats).")
+@click.option("--all", "purge_all", is_flag=True, help="Every zembed key under the prefix.")
+@_redis_option
+@_prefix_option
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              envvar="ZEMBED_CONFIG", default=None, help="TOML config file.")
+def cache_purge(kind: str | None, fingerprint: str | None, purge_all: bool,
+                redis_url: str | None, prefix: str | None, config_file: str | None) -> None:
+    """Delete cached vectors by kind and/or model fingerprint (SCAN + UNLINK)."""
+    from zembed.tools import cachetool
+
+    if not (kind or fingerprint or purge_all):
+        raise click.UsageError("say what to purge: --kind, --model, or --all")
+    prefix = prefix or cfgmod.load(cfgmod.BrokerConfig, config_file=config_file).cache_prefix
+    client = cachetool.redis_client(_redis_url(config_file, redis_url))
+    click.echo(f"deleted {cachetool.purge(client, prefix, kind, fingerprint)} key(s)")
+
+
+@cache.command("warm")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--kind", type=click.Choice(sorted(p.TEXT_KINDS | {p.KIND_IMAGE})),
+              default=p.KIND_TEXT, show_default=True)
+@click.option("--batch", default=32, show_default=True, help="Items per request.")
+@click.option("--normalize/--no-normalize", default=True, show_default=True)
+@config_file_option
+@config_options(cfgmod.ClientConfig)
+def cache_warm(file: str, kind: str, batch: int, normalize: bool, config_file: str | None,
+               **flags: Any) -> None:
+    """Embed every line of FILE (texts, or image paths for --kind image) so it is cached."""
+    from pathlib import Path
+
+    from zembed.errors import ZembedError
+    from zembed.tools import cachetool
+
+    items = cachetool.read_inputs(Path(file), kind)
+    with _client(config_file, flags) as client:
+        try:
+            out = cachetool.warm(client, items, kind, batch, normalize=normalize)
+        except ZembedError as exc:
+            raise click.ClickException(f"{type(exc).__name__} ({exc.status}): {exc}") from None
+    click.echo(json.dumps(out))
+
+
+@main.group()
 def config() -> None:
     """Inspect configuration."""
 

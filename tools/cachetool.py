@@ -1,0 +1,140 @@
+"""``zembed cache stats|purge|warm``: look into, clean and fill the embedding cache.
+
+Stats and purge talk to Redis directly (SCAN, never KEYS: a big keyspace is walked in
+steps without blocking Redis); warm goes through the broker like any client, so the vectors
+it stores are exactly what the engines compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from zembed import protocol as p
+from zembed.cache.keys import KEY_VERSION, fingerprint_pattern
+
+SCAN_COUNT = 1000
+#: How many keys per (kind, fingerprint) MEMORY USAGE samples to estimate bytes.
+MEMORY_SAMPLES = 50
+
+
+def redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def scan_keys(client: Any, pattern: str) -> Iterator[bytes]:
+    """Every key matching ``pattern``, by SCAN."""
+    yield from client.scan_iter(match=pattern, count=SCAN_COUNT)
+
+
+def redis_usage(client: Any, prefix: str) -> dict[str, Any]:
+    """Keys and estimated bytes per kind and fingerprint under ``prefix``."""
+    counts: Counter[tuple[str, str]] = Counter()
+    samples: dict[tuple[str, str], list[bytes]] = {}
+    for key in scan_keys(client, f"{prefix}:{KEY_VERSION}:*"):
+        parts = key.decode(errors="replace").split(":")
+        if len(parts) < 7:
+            continue
+        group = (parts[2], parts[3])
+        counts[group] += 1
+        bucket = samples.setdefault(group, [])
+        if len(bucket) < MEMORY_SAMPLES:
+            bucket.append(key)
+    groups = []
+    for (kind, fingerprint), n in sorted(counts.items()):
+        sizes = [client.memory_usage(k) or 0 for k in samples[(kind, fingerprint)]]
+        per_key = sum(sizes) / len(sizes) if sizes else 0
+        groups.append({"kind": kind, "fingerprint": fingerprint, "keys": n,
+                       "bytes_estimate": int(per_key * n)})
+    info = client.info("memory")
+    return {"groups": groups, "keys": sum(counts.values()),
+            "bytes_estimate": sum(g["bytes_estimate"] for g in groups),
+            "redis_used_memory": info.get("used_memory"),
+            "redis_maxmemory": info.get("maxmemory"),
+            "redis_maxmemory_policy": info.get("maxmemory_policy")}
+
+
+def broker_cache_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """Hits, misses, hit ratio per kind from a broker ``stats`` answer, plus backend state."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for lane in stats.get("lanes", {}).values():
+        for kind, hits in lane.get("cache_hits", {}).items():
+            kinds.setdefault(kind, {"hits": 0, "misses": 0})["hits"] += hits
+        for kind, misses in lane.get("cache_misses", {}).items():
+            kinds.setdefault(kind, {"hits": 0, "misses": 0})["misses"] += misses
+    for row in kinds.values():
+        total = row["hits"] + row["misses"]
+        row["hit_ratio"] = round(row["hits"] / total, 4) if total else None
+    return {"kinds": kinds, "backend": stats.get("cache", {})}
+
+
+def purge(client: Any, prefix: str, kind: str | None, fingerprint: str | None) -> int:
+    """Delete (UNLINK) every key of ``kind`` and/or ``fingerprint``; returns how many."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in scan_keys(client, fingerprint_pattern(prefix, kind, fingerprint)):
+        batch.append(key)
+        if len(batch) >= SCAN_COUNT:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted
+
+
+def read_inputs(path: Path, kind: str) -> list[Any]:
+    """One input per non-empty line: texts, or image paths / URIs for kind image."""
+    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line.strip()]
+    if kind != p.KIND_IMAGE:
+        return lines
+    from zembed.client.images import image_item
+
+    return [image_item(line) for line in lines]
+
+
+def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def warm(client: Any, items: list[Any], kind: str, batch: int, window: int = 4,
+         normalize: bool = True) -> dict[str, Any]:
+    """Embed every input through the broker (which stores the results); a few in flight.
+
+    A 429 puts the batch back after the broker's ``retry_after``: warming never fails
+    because the lane is busy, it only slows down.
+    """
+    from zembed.errors import Overloaded
+
+    lane = p.LANE_TEXT if kind == p.KIND_TEXT else p.LANE_IMAGE
+    pending: deque[tuple[Any, list[Any]]] = deque()
+    done = cached = failed = 0
+    t0 = time.perf_counter()
+
+    def collect() -> None:
+        nonlocal done, cached, failed
+        handle, part = pending.popleft()
+        try:
+            result = client.result(handle)
+        except Overloaded as exc:
+            time.sleep(max(exc.retry_after, 0.01))
+            pending.append((client.submit(lane, kind, part, normalize=normalize), part))
+            return
+        done += len(result.vectors)
+        cached += result.cached
+        failed += len(result.item_errors)
+
+    for part in chunks(items, batch):
+        while len(pending) >= window:
+            collect()
+        pending.append((client.submit(lane, kind, part, normalize=normalize), part))
+    while pending:
+        collect()
+    return {"items": done, "already_cached": cached, "failed": failed,
+            "seconds": round(time.perf_counter() - t0, 3)}
