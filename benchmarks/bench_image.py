@@ -118,10 +118,11 @@ def flood(endpoint: str, seconds: float) -> None:
     """Saturate the image lane from this process; print what it got as JSON."""
     counts = {"ok": 0, "429": 0, "other": 0}
 
-    async def worker(c: AsyncClient, stop: float) -> None:
+    async def worker(c: AsyncClient, stop: float, k: int) -> None:
         while time.monotonic() < stop:
             try:
-                await c.embed_images(PHOTOS[:4])
+                # Distinct photos per worker: identical ones would be computed once.
+                await c.embed_images(PHOTOS[4 * k:4 * k + 4])
                 counts["ok"] += 1
             except Overloaded:
                 counts["429"] += 1
@@ -132,7 +133,7 @@ def flood(endpoint: str, seconds: float) -> None:
     async def main() -> None:
         stop = time.monotonic() + seconds
         async with AsyncClient(endpoint, timeout=60) as c:
-            await asyncio.gather(*(worker(c, stop) for _ in range(16)))
+            await asyncio.gather(*(worker(c, stop, k) for k in range(16)))
 
     asyncio.run(main())
     print(json.dumps(counts))
@@ -142,7 +143,9 @@ def start_stack() -> tuple[list[subprocess.Popen[bytes]], str]:
     fe, be = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     z = [sys.executable, "-m", "zembed", "start"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([*z, "broker", "--frontend", fe, "--backend", be], **quiet),
+    # No cache: this measures the engines (repeated photos would otherwise be cache hits).
+    procs = [subprocess.Popen([*z, "broker", "--frontend", fe, "--backend", be, "--cache",
+                               "off"], **quiet),
              subprocess.Popen([*z, "text", "--broker", be], **quiet),
              subprocess.Popen([*z, "image", "--broker", be, "--random-weights"], **quiet)]
     t0 = time.monotonic()
