@@ -254,13 +254,17 @@ def test_cache_cli_warm_stats_purge(cached: Stack, module_redis: RedisServer,
     stats = json.loads(run("stats", "--json", "--redis", module_redis.url, *where).stdout)
     assert stats["broker"]["kinds"]["text"]["hits"] >= 5
     assert 0 < stats["broker"]["kinds"]["text"]["hit_ratio"] <= 1
-    groups = {g["kind"]: g for g in stats["redis"]["groups"]}
-    assert groups["text"]["keys"] >= 5 and groups["text"]["bytes_estimate"] > 5 * 768
-    fingerprint = groups["text"]["fingerprint"]
+    with cached.client() as c:
+        fingerprint = lane_stats(c)["engines"][0]["fingerprint"]
+    groups = {g["fingerprint"]: g for g in stats["redis"]["groups"]}
+    assert groups[fingerprint]["keys"] >= 5
+    assert groups[fingerprint]["bytes_estimate"] > 5 * 768
     purged = run("purge", "--model", fingerprint, "--redis", module_redis.url)
-    assert int(purged.stdout.split()[1]) == groups["text"]["keys"]
+    assert int(purged.stdout.split()[1]) == groups[fingerprint]["keys"]
     left = json.loads(run("stats", "--json", "--redis", module_redis.url, *where).stdout)
-    assert {g["kind"] for g in left["redis"]["groups"]} == {"image"}  # other models untouched
+    left_groups = {(g["kind"], g["fingerprint"]) for g in left["redis"]["groups"]}
+    assert not any(fp == fingerprint for _, fp in left_groups)
+    assert "image" in {kind for kind, _ in left_groups}  # other models untouched
     with cached.client() as c:
         assert c.embed("text", "text", texts).cached == 0  # gone from Redis
     refused = subprocess.run([*z, "purge", "--redis", module_redis.url], capture_output=True,

@@ -205,6 +205,39 @@ for _op, _help in (("ping", "Round trip to the broker (exit 1 if no answer)."),
     main.command(_op, help=_help)(_make(_op))
 
 
+@main.command()
+@click.option("--kind", type=click.Choice(["text", "clip-text", "image", "mix"]), default="text",
+              show_default=True, help="mix = text and image interleaved.")
+@click.option("--items", default=1, show_default=True, help="Items per request.")
+@click.option("--concurrency", default=8, show_default=True, help="Closed loop: workers.")
+@click.option("--window", default=1, show_default=True,
+              help="Closed loop: requests each worker keeps in flight.")
+@click.option("--rate", default=0.0, show_default=True,
+              help="Open loop: requests/s at a fixed rate (0 = closed loop).")
+@click.option("--duration-s", default=10.0, show_default=True, help="Stop after this long, s.")
+@click.option("--requests", default=1_000_000, show_default=True, help="...or this many.")
+@click.option("--repeat", default=0.0, show_default=True,
+              help="Share of items repeated from a small pool (exercises the cache), 0..1.")
+@click.option("--raw", is_flag=True, help="Also measure this machine's raw limits, same run.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@config_file_option
+@config_options(cfgmod.ClientConfig)
+def bench(kind: str, items: int, concurrency: int, window: int, rate: float, duration_s: float,
+          requests: int, repeat: float, raw: bool, as_json: bool, config_file: str | None,
+          **flags: Any) -> None:
+    """Load the broker and report throughput, latency, rejections and cache hits."""
+    from zembed.tools import bench as benchmod
+
+    kinds = ("text", "image") if kind == "mix" else (kind,)
+    spec = benchmod.BenchSpec(kinds=kinds, items=items, concurrency=concurrency, window=window,
+                              rate=rate, duration_s=duration_s, requests=requests,
+                              repeat=repeat)
+    endpoint = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags).endpoint
+    result = benchmod.run(endpoint, spec, raw=raw, config_file=config_file,
+                          progress=not as_json)
+    click.echo(json.dumps(result, indent=2) if as_json else benchmod.render(result))
+
+
 @main.group()
 def cache() -> None:
     """Inspect, purge and warm the embedding cache."""

@@ -1,0 +1,230 @@
+"""``zembed bench``: the load generator users run to size a deployment.
+
+Closed loop (``concurrency`` workers, each keeping ``window`` requests in flight) shows
+capacity; open loop (a fixed arrival rate, whatever the answers) shows what overload looks
+like: how much is rejected, how fast, and what the accepted requests' latency does. Every run
+is bounded by a duration and a request count. One asyncio client drives all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from zembed import protocol as p
+from zembed.client import AsyncClient
+from zembed.errors import ZembedError
+from zembed.tools.inputs import InputSource
+
+KIND_LANE = {p.KIND_TEXT: p.LANE_TEXT, p.KIND_CLIP_TEXT: p.LANE_IMAGE, p.KIND_IMAGE: p.LANE_IMAGE}
+#: Open loop never keeps more than this many requests outstanding (a bound, not a queue).
+OPEN_LOOP_MAX_IN_FLIGHT = 20_000
+
+
+@dataclass
+class BenchSpec:
+    """What to send and how.
+
+    :param kinds: kinds to send; several are interleaved (``mix``).
+    :param items: items per request.
+    :param concurrency: closed loop: workers. :param window: requests each keeps in flight.
+    :param rate: open loop: requests per second (0 = closed loop).
+    :param duration_s: stop sending after this long. :param requests: ...or after this many.
+    :param repeat: share of items repeated from a small pool (cache hits).
+    """
+
+    kinds: tuple[str, ...] = (p.KIND_TEXT,)
+    items: int = 1
+    concurrency: int = 8
+    window: int = 1
+    rate: float = 0.0
+    duration_s: float = 10.0
+    requests: int = 1_000_000
+    repeat: float = 0.0
+    timeout_s: float = 30.0
+    normalize: bool = True
+
+
+@dataclass
+class BenchReport:
+    """Counts and latencies of one run (latencies of successful requests only)."""
+
+    sent: int = 0
+    ok: int = 0
+    items_ok: int = 0
+    cached_items: int = 0
+    item_errors: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    reject_ms: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def rejected(self) -> int:
+        return self.statuses.get(p.OVERLOADED, 0)
+
+    @property
+    def errors(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status != p.OVERLOADED)
+
+    def summary(self) -> dict[str, Any]:
+        """The figures, as printed and as ``--json`` emits them."""
+        done = self.ok + self.rejected + self.errors
+        lat = np.array(self.latencies_ms) if self.latencies_ms else np.array([np.nan])
+        rej = np.array(self.reject_ms) if self.reject_ms else np.array([np.nan])
+        elapsed = max(self.elapsed_s, 1e-9)
+        return {
+            "sent": self.sent, "answered": done, "ok": self.ok, "rejected_429": self.rejected,
+            "errors": self.errors,
+            "errors_by_status": {str(s): n for s, n in sorted(self.statuses.items())
+                                 if s != p.OVERLOADED},
+            "requests_per_s": round(self.ok / elapsed, 1),
+            "items_per_s": round(self.items_ok / elapsed, 1),
+            "success_pct": round(100 * self.ok / done, 2) if done else None,
+            "rejected_pct": round(100 * self.rejected / done, 2) if done else None,
+            "latency_ms": {q: round(float(np.percentile(lat, v)), 3) for q, v in
+                           (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+            "time_to_429_ms": {q: round(float(np.percentile(rej, v)), 3) for q, v in
+                               (("p50", 50), ("p99", 99))},
+            "cache_hit_ratio": (round(self.cached_items / (self.items_ok + 0.0), 4)
+                                if self.items_ok else None),
+            "item_errors": self.item_errors,
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+class Bench:
+    """Runs a :class:`BenchSpec` against a broker and fills a :class:`BenchReport`."""
+
+    def __init__(self, endpoint: str, spec: BenchSpec, progress: bool = True) -> None:
+        self.endpoint = endpoint
+        self.spec = spec
+        self.progress = progress
+        self.report = BenchReport()
+        self.sources = {k: InputSource(k, spec.repeat, seed=i + 1)
+                        for i, k in enumerate(spec.kinds)}
+
+    def run(self) -> BenchReport:
+        """Run to completion (bounded by duration and request count)."""
+        asyncio.run(self._main())
+        return self.report
+
+    async def _main(self) -> None:
+        async with AsyncClient(self.endpoint, timeout=self.spec.timeout_s) as client:
+            t0 = time.perf_counter()
+            self._stop_at = t0 + self.spec.duration_s
+            ticker = asyncio.ensure_future(self._ticker(t0)) if self.progress else None
+            if self.spec.rate > 0:
+                await self._open_loop(client)
+            else:
+                await asyncio.gather(*(self._worker(client) for _ in
+                                       range(self.spec.concurrency * self.spec.window)))
+            self.report.elapsed_s = time.perf_counter() - t0
+            if ticker is not None:
+                ticker.cancel()
+                sys.stderr.write("\n")
+
+    def _budget_left(self) -> bool:
+        return time.perf_counter() < self._stop_at and self.report.sent < self.spec.requests
+
+    async def _worker(self, client: AsyncClient) -> None:
+        while self._budget_left():
+            self.report.sent += 1
+            await self._one(client)
+
+    async def _open_loop(self, client: AsyncClient) -> None:
+        interval = 1.0 / self.spec.rate
+        tasks: set[asyncio.Task[None]] = set()
+        next_at = time.perf_counter()
+        while self._budget_left():
+            now = time.perf_counter()
+            if now < next_at:
+                await asyncio.sleep(next_at - now)
+            next_at += interval
+            if len(tasks) < OPEN_LOOP_MAX_IN_FLIGHT:
+                self.report.sent += 1  # counted when scheduled, so the budget holds exactly
+                task = asyncio.ensure_future(self._one(client))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def _one(self, client: AsyncClient) -> None:
+        kind = self.spec.kinds[self.report.sent % len(self.spec.kinds)]
+        items = self.sources[kind].take(self.spec.items)
+        t0 = time.perf_counter()
+        try:
+            result = await client.embed(KIND_LANE[kind], kind, items,
+                                        normalize=self.spec.normalize)
+        except ZembedError as exc:
+            self.report.statuses[exc.status] += 1
+            if exc.status == p.OVERLOADED:
+                self.report.reject_ms.append((time.perf_counter() - t0) * 1000)
+            return
+        self.report.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        self.report.ok += 1
+        self.report.items_ok += len(result.vectors)
+        self.report.cached_items += result.cached
+        self.report.item_errors += len(result.item_errors)
+
+    async def _ticker(self, t0: float) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            r, secs = self.report, time.perf_counter() - t0
+            sys.stderr.write(f"\r{secs:6.1f}s sent {r.sent} ok {r.ok} ({r.ok / secs:.0f}/s, "
+                             f"{r.items_ok / secs:.0f} items/s) 429 {r.rejected} "
+                             f"errors {r.errors}   ")
+            sys.stderr.flush()
+
+
+def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
+        progress: bool) -> dict[str, Any]:
+    """Raw limits (when asked) then the served run; one dict with everything."""
+    out: dict[str, Any] = {"spec": {k: v for k, v in vars(spec).items()}}
+    if raw:
+        from zembed.tools import raw as rawmod
+
+        limits: dict[str, Any] = {}
+        for kind in spec.kinds:
+            batches = sorted({spec.items, 32 if kind == p.KIND_TEXT else 16})
+            limits[kind] = rawmod.model_forward(kind, batches, 3.0, config_file)
+            dim = 384 if kind == p.KIND_TEXT else 512
+            limits[kind]["zmq"] = rawmod.zmq_round_trip(
+                kind, spec.items, max(1, spec.concurrency * spec.window), 3.0, dim=dim)
+        out["raw"] = limits
+    out["served"] = Bench(endpoint, spec, progress).run().summary()
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """Human-readable report, served figures beside raw limits as ratios."""
+    s = result["served"]
+    spec = result["spec"]
+    lines = [
+        f"kinds {','.join(spec['kinds'])}, {spec['items']} item(s)/request, "
+        + (f"open loop {spec['rate']:.0f} req/s" if spec["rate"] else
+           f"closed loop {spec['concurrency']}x{spec['window']} in flight")
+        + f", repeat {spec['repeat']:.0%}",
+        f"sent {s['sent']}, ok {s['ok']} ({s['success_pct']}%), 429 {s['rejected_429']} "
+        f"({s['rejected_pct']}%), errors {s['errors']} {s['errors_by_status'] or ''}",
+        f"throughput: {s['requests_per_s']} requests/s, {s['items_per_s']} items/s",
+        "latency ms: " + ", ".join(f"{k} {v}" for k, v in s["latency_ms"].items()),
+        "time to 429 ms: " + ", ".join(f"{k} {v}" for k, v in s["time_to_429_ms"].items()),
+        f"cache hit ratio: {s['cache_hit_ratio']}, item errors: {s['item_errors']}",
+    ]
+    for kind, limits in result.get("raw", {}).items():
+        z = limits["zmq"]
+        lines.append(f"raw {kind}: bare ZeroMQ {z['round_trips_per_s']:.0f} round trips/s "
+                     f"(p50 {z['p50_ms']:.3f} ms) -> served/raw "
+                     f"{s['requests_per_s'] / z['round_trips_per_s']:.2f}")
+        for key, value in limits.items():
+            if key.startswith("forward") or key.startswith("decode"):
+                lines.append(f"raw {kind}: {key} {value:.1f} -> served items/s / raw "
+                             f"{s['items_per_s'] / value:.2f}")
+    return "\n".join(lines)

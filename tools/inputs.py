@@ -1,0 +1,57 @@
+"""Realistic load inputs, made in memory: product-like sentences and photo-like JPEGs.
+
+Uniqueness is cheap on purpose, so the generator is never the bottleneck: a unique sentence is
+a realistic one with a counter in it, and a unique image is a pre-encoded JPEG with a few
+bytes appended after its end-of-image marker (decoders ignore them; the content hash, and so
+the cache key, changes).
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+WORDS = (
+    "red blue black white green light dark trail running walking shoes boots sandals women "
+    "men kids size cotton linen wool shirt dress jacket coat waterproof leather canvas bag "
+    "backpack travel kitchen knife steel pan pot coffee grinder kettle phone case charger "
+    "cable fast wireless garden chair table lamp desk office ergonomic organic vegan gift set "
+    "premium classic slim fit large small medium pack of two three for summer winter"
+).split()
+
+
+class InputSource:
+    """Inputs of one kind with a set share of repeats (to exercise the cache).
+
+    :param kind: text, clip-text or image.
+    :param repeat: fraction of items drawn from a fixed pool of ``pool`` inputs (0 = all
+        unique, 1 = all from the pool).
+    :param seed: RNG seed, so two runs send the same sequence.
+    """
+
+    def __init__(self, kind: str, repeat: float = 0.0, pool: int = 256, seed: int = 1,
+                 image_size: tuple[int, int] = (640, 480)) -> None:
+        self.kind = kind
+        self.repeat = repeat
+        self.rng = random.Random(seed)
+        self.counter = 0
+        self._images: list[bytes] = []
+        if kind == "image":
+            from zembed.engines.image import synthetic_jpeg
+
+            self._images = [synthetic_jpeg(*image_size, seed=s) for s in range(16)]
+        self.pool = [self._fresh() for _ in range(pool)]
+
+    def _fresh(self) -> Any:
+        self.counter += 1
+        if self.kind == "image":
+            base = self._images[self.counter % len(self._images)]
+            return base + struct.pack("<Q", self.counter)
+        words = self.rng.choices(WORDS, k=self.rng.randint(8, 16))
+        return " ".join(words) + f" {self.counter}"
+
+    def take(self, n: int) -> list[Any]:
+        """``n`` items, each a repeat with probability ``repeat``."""
+        return [self.rng.choice(self.pool) if self.rng.random() < self.repeat else self._fresh()
+                for _ in range(n)]

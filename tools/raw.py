@@ -1,0 +1,112 @@
+"""``zembed bench --raw``: the raw limits of this machine, measured in the same run.
+
+- model forward throughput in-process, at the request's batch size and at the engine's
+  max batch (the engine's own model code and config: same model, dtype, threads);
+- image decode + preprocess throughput on one thread;
+- a bare ZeroMQ DEALER -> ROUTER echo round trip with the same request and reply sizes.
+
+Served figures are printed beside these as ratios, because absolute numbers on shared machines
+swing from run to run while ratios measured together do not.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import time
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from zembed import config as cfgmod
+from zembed import protocol as p
+from zembed.client.codec import embed_frames
+from zembed.messages import reply_header
+from zembed.tools.inputs import InputSource
+
+
+def _rate(fn: Any, per_call: int, seconds: float) -> float:
+    fn()  # warm
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        done += per_call
+    return done / (time.perf_counter() - t0)
+
+
+def model_forward(kind: str, batches: list[int], seconds: float,
+                  config_file: str | None) -> dict[str, float]:
+    """Items/s of the engine's model at each batch size (text, or image/clip-text)."""
+    if kind == p.KIND_TEXT:
+        from zembed.engines.text import TextModel
+
+        model: Any = TextModel(cfgmod.load(cfgmod.TextEngineConfig, config_file=config_file))
+    else:
+        from zembed.engines.image import ImageModel
+
+        model = ImageModel(cfgmod.load(cfgmod.ImageEngineConfig, config_file=config_file))
+    source = InputSource(kind, seed=99)
+    out = {}
+    for batch in batches:
+        inputs = model.prepare(kind, source.take(batch), None)
+        out[f"forward_items_per_s@{batch}"] = _rate(
+            lambda inputs=inputs: model.forward(kind, inputs), batch, seconds)
+    if kind == p.KIND_IMAGE:
+        photos = source.take(16)
+        out["decode_preprocess_per_s"] = _rate(lambda: model.prepare(kind, photos, None), 16,
+                                               seconds)
+    return out
+
+
+def _echo(endpoint: str, dim: int) -> None:
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    bodies: dict[int, bytes] = {}
+    while True:
+        ident, _, raw, _ = sock.recv_multipart()
+        h = msgpack.unpackb(raw)
+        body = bodies.setdefault(h["n"], bytes(4 * dim * h["n"]))
+        sock.send_multipart([ident, p.CLIENT_PROTO, reply_header(
+            h["id"], p.OK, dtype=p.DTYPE_F32, shape=(h["n"], dim)), body])
+
+
+def zmq_round_trip(kind: str, items: int, in_flight: int, seconds: float,
+                   dim: int = 384) -> dict[str, float]:
+    """Round trips/s and p50 of the same frames against a bare ROUTER echo process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, dim),
+                                                        daemon=True)
+    proc.start()
+    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    payload = InputSource(kind, seed=7).take(items)
+    lane = p.LANE_TEXT if kind == p.KIND_TEXT else p.LANE_IMAGE
+    try:
+        sent: dict[int, float] = {}
+        lat: list[float] = []
+        rid = done = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or sent:
+            while len(sent) < in_flight and time.perf_counter() - t0 < seconds:
+                rid += 1
+                sent[rid] = time.perf_counter()
+                sock.send_multipart(embed_frames(rid, lane, kind, payload, normalize=True,
+                                                 dtype="f32", timeout_s=10, input_type=None))
+            if not sock.poll(5000):
+                raise TimeoutError("echo process did not answer")
+            frames = sock.recv_multipart()
+            got = msgpack.unpackb(frames[1])["id"]
+            lat.append((time.perf_counter() - sent.pop(got)) * 1000)
+            done += 1
+        elapsed = time.perf_counter() - t0
+        return {"round_trips_per_s": done / elapsed,
+                "p50_ms": float(np.percentile(np.array(lat[len(lat) // 10:]), 50))}
+    finally:
+        sock.close()
+        proc.kill()
+        proc.join(5)
