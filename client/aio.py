@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -28,6 +28,12 @@ from zembed.client.codec import (
 from zembed.client.images import image_items
 from zembed.client.sync import GRACE_S
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+
+
+def _expire(future: asyncio.Future[Any], endpoint: str) -> None:
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded(f"no answer from {endpoint} within the request's deadline"))
 
 
 class AsyncClient:
@@ -128,21 +134,23 @@ class AsyncClient:
             raise ConnectionClosed("client is closed")
         if self._reader is None or self._reader.done():
             self._reader = asyncio.ensure_future(self._read_replies())
-        future: asyncio.Future[tuple[dict[str, Any], bytes]] = (
-            asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._futures[rid] = future
+        # A timer per request instead of asyncio.wait_for: wait_for costs a task per call,
+        # which at thousands of requests/s is most of the client's CPU.
+        timer = loop.call_later(wait_s, _expire, future, self.endpoint)
         try:
-            try:
-                # Blocks (asynchronously) until the connection is up, because of IMMEDIATE.
-                await asyncio.wait_for(self._sock.send_multipart(frames), wait_s)
-            except TimeoutError:
-                raise EngineUnavailable(f"broker at {self.endpoint} is not reachable") from None
-            try:
-                return await asyncio.wait_for(future, wait_s)
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no answer from {self.endpoint} within the request's deadline") from None
+            sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames))
+            if not sent.done():  # not connected yet (IMMEDIATE): wait for it, bounded
+                try:
+                    await asyncio.wait_for(sent, wait_s)
+                except TimeoutError:
+                    raise EngineUnavailable(
+                        f"broker at {self.endpoint} is not reachable") from None
+            return await future
         finally:
+            timer.cancel()
             self._futures.pop(rid, None)
 
     async def _read_replies(self) -> None:
@@ -152,10 +160,13 @@ class AsyncClient:
                 frames = await sock.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
-            rid, header = reply_id(frames)
-            future = self._futures.get(rid) if rid is not None else None
-            if future is not None and not future.done():
-                future.set_result((header, frames[2] if len(frames) > 2 else b""))
+            self._deliver(frames)
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        rid, header = reply_id(frames)
+        future = self._futures.get(rid) if rid is not None else None
+        if future is not None and not future.done():
+            future.set_result((header, frames[2] if len(frames) > 2 else b""))
 
     async def close(self) -> None:
         """Stop the reader and close the socket; pending requests fail with ConnectionClosed."""

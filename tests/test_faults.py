@@ -115,7 +115,7 @@ def test_engine_killed_in_flight_gets_503_then_a_new_engine_serves(
     stack.wait_engines("text", 2)
     with stack.client(timeout=20) as c:
         # Both engines take work: the broker picks the one with the most free credits.
-        pending = [c.submit("text", "text", [f"sentence {i}"] * 16) for i in range(12)]
+        pending = [c.submit("text", "text", [f"sentence {i}"] * 16) for i in range(8)]
         for pnd in pending:
             assert c.result(pnd).vectors.shape == (16, 384)
         done = [e["requests_done"] for e in c.stats()["lanes"]["text"]["engines"]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import struct
+import uuid
 from typing import Any
 
 WORDS = (
@@ -27,12 +28,15 @@ class InputSource:
     :param kind: text, clip-text or image.
     :param repeat: fraction of items drawn from a fixed pool of ``pool`` inputs (0 = all
         unique, 1 = all from the pool).
-    :param seed: RNG seed, so two runs send the same sequence.
+    :param seed: RNG seed for the words and the repeat choices.
+    :param salt: mixed into every fresh input, so "unique" also means unique across runs
+        (a new random salt by default; fix it to replay a run exactly, cache included).
     """
 
     def __init__(self, kind: str, repeat: float = 0.0, pool: int = 256, seed: int = 1,
-                 image_size: tuple[int, int] = (640, 480)) -> None:
+                 image_size: tuple[int, int] = (640, 480), salt: str | None = None) -> None:
         self.kind = kind
+        self.salt = salt if salt is not None else uuid.uuid4().hex[:8]
         self.repeat = repeat
         self.rng = random.Random(seed)
         self.counter = 0
@@ -47,9 +51,9 @@ class InputSource:
         self.counter += 1
         if self.kind == "image":
             base = self._images[self.counter % len(self._images)]
-            return base + struct.pack("<Q", self.counter)
+            return base + struct.pack("<Q", self.counter) + self.salt.encode()
         words = self.rng.choices(WORDS, k=self.rng.randint(8, 16))
-        return " ".join(words) + f" {self.counter}"
+        return " ".join(words) + f" {self.counter}{self.salt}"
 
     def take(self, n: int) -> list[Any]:
         """``n`` items, each a repeat with probability ``repeat``."""

@@ -88,7 +88,9 @@ class TextEngineConfig:
     threads: int = _opt(
         0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
     )
-    credits: int = _opt(128, "Items this engine holds in flight (its admission budget), items.")
+    credits: int = _opt(
+        64, "Items this engine holds in flight (its admission budget; bounds queueing), items."
+    )
     max_batch: int = _opt(32, "Most items in one forward pass, items.")
     max_wait_ms: float = _opt(
         0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The throughput suite: brings zembed up (text + ViT-B-32 with random weights, Redis cache),
+# runs `zembed bench --raw` for each target of the throughput issue, and prints every figure
+# beside its raw limit measured in the same run. ~4 minutes on the 2-core machine.
+# Usage: benchmarks/suite.sh [seconds-per-run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN=${1:-10}
+export HF_HUB_OFFLINE=1
+Z=.venv/bin/zembed
+port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+FE=$(port); BE=$(port)
+CFG=$(mktemp --suffix .toml)
+cat > "$CFG" <<TOML
+[broker]
+frontend = "tcp://127.0.0.1:$FE"
+backend = "tcp://127.0.0.1:$BE"
+lanes = ["text", "image"]
+cache_prefix = "zembed-suite-$FE"
+[text]
+broker = "tcp://127.0.0.1:$BE"
+[image]
+broker = "tcp://127.0.0.1:$BE"
+random_weights = true
+[client]
+endpoint = "tcp://127.0.0.1:$FE"
+TOML
+$Z up --config "$CFG" > /tmp/zembed-suite-up.log 2>&1 &
+UP=$!
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -f "$CFG"' EXIT
+for _ in $(seq 600); do $Z ready --config "$CFG" >/dev/null 2>&1 && break; sleep 0.2; done
+BROKER_PID=$(pgrep -f "zembed start broker --config $CFG" | head -1)
+rss() { ps -o rss= -p "$BROKER_PID" | tr -d ' '; }
+run() { echo; echo "== zembed bench $*"; $Z bench --config "$CFG" --duration-s "$SECONDS_PER_RUN" "$@" 2>/dev/null; }
+
+run --kind text --items 32 --concurrency 4 --raw
+run --kind text --items 1 --concurrency 64 --raw
+run --kind text --items 1 --concurrency 64 --repeat 1.0 --duration-s 3 >/dev/null  # fill the cache
+run --kind text --items 1 --concurrency 64 --repeat 1.0 --raw
+run --kind image --items 4 --concurrency 4 --raw
+echo; echo "== 2x overload: open loop at about twice the text lane's 1-item capacity"
+run --kind text --items 1 --rate 1000
+echo; echo "== rejection soak: 32-item requests far beyond capacity, broker RSS before/after"
+RSS0=$(rss)
+$Z bench --config "$CFG" --kind text --items 32 --rate 4000 --requests "${SOAK_REQUESTS:-400000}" \
+  --duration-s 600 2>/dev/null | grep -E "sent|time to 429"
+RSS1=$(rss)
+echo "broker RSS: ${RSS0} KiB before, ${RSS1} KiB after"
