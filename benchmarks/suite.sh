@@ -33,7 +33,7 @@ BROKER_PID=$(pgrep -f "zembed start broker --config $CFG" | head -1)
 rss() { ps -o rss= -p "$BROKER_PID" | tr -d ' '; }
 run() { echo; echo "== zembed bench $*"; $Z bench --config "$CFG" --duration-s "$SECONDS_PER_RUN" "$@" 2>/dev/null; }
 
-run --kind text --items 32 --concurrency 4 --raw
+run --kind text --items 32 --concurrency 2 --raw
 run --kind text --items 1 --concurrency 64 --raw
 run --kind text --items 1 --concurrency 64 --repeat 1.0 --duration-s 3 >/dev/null  # fill the cache
 run --kind text --items 1 --concurrency 64 --repeat 1.0 --raw

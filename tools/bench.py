@@ -136,11 +136,13 @@ class Bench:
     async def _worker(self, client: AsyncClient) -> None:
         while self._budget_left():
             self.report.sent += 1
-            await self._one(client)
+            retry_after = await self._one(client)
+            if retry_after:  # a closed-loop client backs off as told, like the SDK's retries
+                await asyncio.sleep(retry_after)
 
     async def _open_loop(self, client: AsyncClient) -> None:
         interval = 1.0 / self.spec.rate
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: set[asyncio.Task[Any]] = set()
         next_at = time.perf_counter()
         while self._budget_left():
             now = time.perf_counter()
@@ -149,13 +151,14 @@ class Bench:
             next_at += interval
             if len(tasks) < OPEN_LOOP_MAX_IN_FLIGHT:
                 self.report.sent += 1  # counted when scheduled, so the budget holds exactly
-                task = asyncio.ensure_future(self._one(client))
+                task: asyncio.Task[Any] = asyncio.ensure_future(self._one(client))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         if tasks:
             await asyncio.gather(*tasks)
 
-    async def _one(self, client: AsyncClient) -> None:
+    async def _one(self, client: AsyncClient) -> float:
+        """Send one request and record its outcome; returns the 429's retry_after, else 0."""
         kind = self.spec.kinds[self.report.sent % len(self.spec.kinds)]
         items = self.sources[kind].take(self.spec.items)
         t0 = time.perf_counter()
@@ -166,12 +169,14 @@ class Bench:
             self.report.statuses[exc.status] += 1
             if exc.status == p.OVERLOADED:
                 self.report.reject_ms.append((time.perf_counter() - t0) * 1000)
-            return
+                return float(getattr(exc, "retry_after", 0.0)) or 0.001
+            return 0.0
         self.report.latencies_ms.append((time.perf_counter() - t0) * 1000)
         self.report.ok += 1
         self.report.items_ok += len(result.vectors)
         self.report.cached_items += result.cached
         self.report.item_errors += len(result.item_errors)
+        return 0.0
 
     async def _ticker(self, t0: float) -> None:
         while True:
