@@ -29,6 +29,23 @@ from zembed.messages import packb
 log = logging.getLogger("zembed.broker")
 
 
+def send_engine(backend: zmq.Socket[Any], identity: bytes, cmd: bytes,
+                header: dict[str, Any] | None = None, body: Any = None) -> bool:
+    """Send a command to an engine without blocking; False if it is gone or not reading."""
+    frames: list[Any] = [identity, p.ENGINE_PROTO, cmd]
+    if header is not None:
+        frames.append(packb(header))
+    if body is not None:
+        frames.append(body)
+    try:
+        backend.send_multipart(frames, zmq.DONTWAIT, copy=False)
+    except zmq.ZMQError as exc:
+        if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+            raise
+        return False
+    return True
+
+
 class EmbedFlow:
     """Cache lookup, single-flight, admission and dispatch of embed requests."""
 
@@ -123,14 +140,7 @@ class EmbedFlow:
             "deadline_ms": max(1, math.ceil((req.deadline - time.monotonic()) * 1000))}
         if req.input_type is not None:
             header["input_type"] = req.input_type
-        frames = [engine.identity, p.ENGINE_PROTO, p.REQUEST, packb(header), packb(items)]
-        try:
-            self.backend.send_multipart(frames, zmq.DONTWAIT, copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            return False
-        return True
+        return send_engine(self.backend, engine.identity, p.REQUEST, header, packb(items))
 
     # -- engine results in -----------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import zmq
 
 from zembed import __version__
 from zembed import protocol as p
-from zembed.broker.flow import EmbedFlow
+from zembed.broker.flow import EmbedFlow, send_engine
 from zembed.broker.pending import ClientRequest
 from zembed.broker.replies import Replier
 from zembed.broker.state import BrokerState
@@ -278,18 +278,7 @@ class Broker:
     def send_engine(self, identity: bytes, cmd: bytes, header: dict[str, Any] | None = None,
                     body: Any = None) -> bool:
         """Send a command to an engine; False if it is unreachable (gone or not reading)."""
-        frames: list[Any] = [identity, p.ENGINE_PROTO, cmd]
-        if header is not None:
-            frames.append(packb(header))
-        if body is not None:
-            frames.append(body)
-        try:
-            self.backend.send_multipart(frames, zmq.DONTWAIT, copy=False)
-        except zmq.ZMQError as exc:
-            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            return False
-        return True
+        return send_engine(self.backend, identity, cmd, header, body)
 
     def engine_lost(self, identity: bytes, why: str) -> None:
         """Remove an engine and answer its in-flight requests with 503 at once."""

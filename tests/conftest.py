@@ -32,6 +32,16 @@ HEARTBEAT_MS = 200
 ENGINE_START_S = 90.0
 
 
+def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    """Poll ``cond`` until it holds, or fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"condition not met within {timeout}s")
+
+
 def free_port() -> int:
     """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RedisServer, Stack, new_stack, spawn, tiny_args
+from conftest import RedisServer, Stack, new_stack, spawn, tiny_args, wait_until
 from images import jpeg, png
 
 from zembed.client import Client, EngineUnavailable
@@ -25,15 +25,6 @@ def fresh(n: int) -> list[str]:
 
 def lane_stats(c: Client, lane: str = "text") -> dict[str, Any]:
     return c.stats()["lanes"][lane]  # type: ignore[no-any-return]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"condition not met within {timeout}s")
 
 
 def hit_when_written(call: Callable[[], Any], timeout: float = 5.0) -> Any:

@@ -16,19 +16,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Stack
+from conftest import Stack, wait_until
 
 from zembed.client import Client
 from zembed.errors import DeadlineExceeded, EngineUnavailable, Overloaded
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"condition not met within {timeout}s")
 
 
 @pytest.fixture
@@ -100,7 +91,7 @@ def test_deadline_is_504_and_the_credit_returns_later(small_stack: Stack) -> Non
             assert lane["credits_free"] == 3  # credit still held by the stopped engine
         finally:
             engine.signal(signal.SIGCONT)
-        wait_for(lambda: c.stats()["lanes"]["text"]["credits_free"] == 4)
+        wait_until(lambda: c.stats()["lanes"]["text"]["credits_free"] == 4)
         assert c.stats()["lanes"]["text"]["requests"]["504"] == 1
         assert c.embed_texts(["fast again"]).shape == (1, 384)
 
