@@ -104,6 +104,13 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def start_image(self, *args: str) -> Proc:
+        """An image engine (one torch thread) for this stack's backend."""
+        proc = spawn("image", ["start", "image", "--broker", self.backend, "--threads", "1",
+                               *args])
+        self.procs.append(proc)
+        return proc
+
     def client(self, **kw: Any) -> Client:
         kw.setdefault("timeout", 10.0)
         return Client(self.frontend, **kw)

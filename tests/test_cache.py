@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RedisServer, Stack, new_stack, spawn, tiny_args, wait_until
+from conftest import RedisServer, Stack, new_stack, tiny_args, wait_until
 from images import jpeg, png
 
 from zembed.client import Client, EngineUnavailable
@@ -45,8 +45,7 @@ def cached(module_redis: RedisServer, tiny: tuple[Path, Path]) -> Iterator[Stack
         stack.start_broker("--lanes", "text,image", "--cache", module_redis.url,
                            "--heartbeat-interval-ms", "1000")
         stack.engine = stack.start_text("--heartbeat-interval-ms", "1000")
-        stack.procs.append(spawn("image", ["start", "image", "--broker", stack.backend,
-                                           "--threads", "1", *tiny_args(tiny)]))
+        stack.start_image(*tiny_args(tiny))
         stack.wait_engines("text", 1)
         stack.wait_engines("image", 1)
         yield stack

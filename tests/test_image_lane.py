@@ -31,17 +31,14 @@ def lanes(tiny: tuple[Path, Path]) -> Iterator[Stack]:
     Default 1 s heartbeats: the saturation test oversubscribes the 2 cores on purpose, and
     liveness is tested elsewhere.
     """
-    from conftest import new_stack, spawn
+    from conftest import new_stack
 
     stack = new_stack()
     try:
         stack.start_broker("--lanes", "text,image", "--heartbeat-interval-ms", "1000")
         stack.start_text("--heartbeat-interval-ms", "1000")
-        stack.engine = spawn("image", ["start", "image", "--broker", stack.backend,
-                                       "--heartbeat-interval-ms", "1000", "--threads", "1",
-                                       "--credits", "16", "--max-batch", "4", "--dtype", "fp32",
-                                       *tiny_args(tiny)])
-        stack.procs.append(stack.engine)
+        stack.engine = stack.start_image("--heartbeat-interval-ms", "1000", "--credits", "16",
+                                         "--max-batch", "4", "--dtype", "fp32", *tiny_args(tiny))
         stack.wait_engines("text", 1)
         stack.wait_engines("image", 1)
         yield stack
@@ -187,12 +184,10 @@ def test_missing_weights_refuse_to_start_with_advice(tiny: tuple[Path, Path]) ->
 
 @pytest.mark.slow
 def test_vit_b_32_with_random_weights(stack_factory: Callable[[], Stack]) -> None:
-    from conftest import spawn
 
     stack = stack_factory()
     stack.start_broker("--lanes", "image")
-    stack.procs.append(spawn("image", ["start", "image", "--broker", stack.backend,
-                                       "--random-weights", "--max-batch", "4"]))
+    stack.start_image("--random-weights", "--max-batch", "4")
     stack.wait_engines("image", 1, timeout=180)
     with stack.client(timeout=60) as c:
         result = c.embed_images([jpeg(1, 640, 480), jpeg(2, 640, 480)])

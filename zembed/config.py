@@ -28,6 +28,32 @@ def _opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: Options several processes share, defined once as (default, help).
+_SHARED_OPTS: dict[str, tuple[Any, str]] = {
+    "broker": (p.DEFAULT_BACKEND, "Broker backend endpoint to connect to."),
+    "device": ("auto", "auto, cpu, cuda or cuda:N."),
+    "dtype": ("auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."),
+    "threads": (
+        0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
+    ),
+    "max_wait_ms": (
+        0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
+    ),
+    "heartbeat_interval_ms": (p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to the broker, ms."),
+    "heartbeat_liveness": (
+        p.HEARTBEAT_LIVENESS, "Missed broker heartbeats after which the engine reconnects."
+    ),
+    "stall_timeout_s": (
+        60.0, "A forward pass running longer than this stops heartbeats (engine reported dead), s."
+    ),
+    "log_level": ("info", "Logging level (debug, info, warning, error)."),
+}
+
+
+def _shared_opt(name: str) -> Any:
+    return _opt(*_SHARED_OPTS[name])
+
+
 @dataclass(frozen=True)
 class BrokerConfig:
     """Settings of the broker process (``zembed start broker``)."""
@@ -67,7 +93,7 @@ class BrokerConfig:
     )
     cache_memory_items: int = _opt(200_000, "Vectors kept by the in-process memory cache.")
     cache_prefix: str = _opt("zembed", "Prefix of every cache key (several zembeds, one Redis).")
-    log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
+    log_level: str = _shared_opt("log_level")
 
 
 @dataclass(frozen=True)
@@ -76,36 +102,26 @@ class TextEngineConfig:
 
     section: ClassVar[str] = "text"
 
-    broker: str = _opt(p.DEFAULT_BACKEND, "Broker backend endpoint to connect to.")
+    broker: str = _shared_opt("broker")
     lane: str = _opt(p.LANE_TEXT, "Lane this engine registers for.")
     model: str = _opt(
         "", "Hugging Face model id or local path; empty = bundled all-MiniLM-L6-v2 (offline)."
     )
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
-    dtype: str = _opt(
-        "auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."
-    )
-    threads: int = _opt(
-        0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
-    )
+    device: str = _shared_opt("device")
+    dtype: str = _shared_opt("dtype")
+    threads: int = _shared_opt("threads")
     credits: int = _opt(
         64, "Items this engine holds in flight (its admission budget; bounds queueing), items."
     )
     max_batch: int = _opt(32, "Most items in one forward pass, items.")
-    max_wait_ms: float = _opt(
-        0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
-    )
+    max_wait_ms: float = _shared_opt("max_wait_ms")
     max_length: int = _opt(0, "Truncate inputs to this many tokens; 0 = the model's own limit.")
     query_prefix: str = _opt("", "Text prepended to items sent with input_type=query.")
     document_prefix: str = _opt("", "Text prepended to items sent with input_type=document.")
-    heartbeat_interval_ms: int = _opt(p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to the broker, ms.")
-    heartbeat_liveness: int = _opt(
-        p.HEARTBEAT_LIVENESS, "Missed broker heartbeats after which the engine reconnects."
-    )
-    stall_timeout_s: float = _opt(
-        60.0, "A forward pass running longer than this stops heartbeats (engine reported dead), s."
-    )
-    log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
+    heartbeat_interval_ms: int = _shared_opt("heartbeat_interval_ms")
+    heartbeat_liveness: int = _shared_opt("heartbeat_liveness")
+    stall_timeout_s: float = _shared_opt("stall_timeout_s")
+    log_level: str = _shared_opt("log_level")
 
 
 @dataclass(frozen=True)
@@ -114,7 +130,7 @@ class ImageEngineConfig:
 
     section: ClassVar[str] = "image"
 
-    broker: str = _opt(p.DEFAULT_BACKEND, "Broker backend endpoint to connect to.")
+    broker: str = _shared_opt("broker")
     lane: str = _opt(p.LANE_IMAGE, "Lane this engine registers for.")
     model: str = _opt("ViT-B-32", "open_clip architecture name (see open_clip.list_models()).")
     pretrained: str = _opt(
@@ -126,18 +142,12 @@ class ImageEngineConfig:
     random_weights: bool = _opt(
         False, "Serve seeded random weights instead (smoke tests, benchmarks); flagged everywhere."
     )
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
-    dtype: str = _opt(
-        "auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."
-    )
-    threads: int = _opt(
-        0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
-    )
+    device: str = _shared_opt("device")
+    dtype: str = _shared_opt("dtype")
+    threads: int = _shared_opt("threads")
     credits: int = _opt(16, "Items this engine holds in flight (its admission budget), items.")
     max_batch: int = _opt(16, "Most items in one forward pass, items.")
-    max_wait_ms: float = _opt(
-        0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
-    )
+    max_wait_ms: float = _shared_opt("max_wait_ms")
     decode_workers: int = _opt(
         0, "Threads decoding and preprocessing images; 0 = half the available cores (>= 1)."
     )
@@ -154,14 +164,10 @@ class ImageEngineConfig:
     )
     fetch_max_bytes: int = _opt(10 << 20, "Largest download per URL, bytes.")
     fetch_timeout_s: float = _opt(5.0, "Timeout of one URL download, s.")
-    heartbeat_interval_ms: int = _opt(p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to the broker, ms.")
-    heartbeat_liveness: int = _opt(
-        p.HEARTBEAT_LIVENESS, "Missed broker heartbeats after which the engine reconnects."
-    )
-    stall_timeout_s: float = _opt(
-        60.0, "A forward pass running longer than this stops heartbeats (engine reported dead), s."
-    )
-    log_level: str = _opt("info", "Logging level (debug, info, warning, error).")
+    heartbeat_interval_ms: int = _shared_opt("heartbeat_interval_ms")
+    heartbeat_liveness: int = _shared_opt("heartbeat_liveness")
+    stall_timeout_s: float = _shared_opt("stall_timeout_s")
+    log_level: str = _shared_opt("log_level")
 
 
 @dataclass(frozen=True)
