@@ -63,10 +63,10 @@ def raw_forward(threads: int, batch: int, seconds: float) -> float:
 
     model = TextModel(TextEngineConfig(threads=threads))
     texts = sentences(4096, seed=batch)
-    model.forward("text", texts[:batch])
+    model.encode(texts[:batch])
     done, i, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        model.forward("text", texts[i:i + batch])
+        model.encode(texts[i:i + batch])
         i = (i + batch) % (len(texts) - batch)
         done += batch
     rate = done / (time.perf_counter() - t0)

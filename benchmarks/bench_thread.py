@@ -29,10 +29,10 @@ def main() -> None:
     rates: dict[str, list[float]] = {"main": [], "thread": []}
 
     def run(where: str) -> None:
-        model.forward("text", texts[:32])
+        model.encode(texts[:32])
         done, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < args.seconds:
-            model.forward("text", texts[done % 4000:done % 4000 + 32])
+            model.encode(texts[done % 4000:done % 4000 + 32])
             done += 32
         rates[where].append(done / (time.perf_counter() - t0))
 

@@ -44,12 +44,36 @@ def postprocess(vectors: npt.NDArray[np.float32], normalize: bool) -> bytes:
     return to_bf16(vectors.astype(np.float32, copy=False)).astype("<u2", copy=False).tobytes()
 
 
-class BatchRunner:
-    """Runs batches of one kind through a model, ``max_batch`` inputs per forward pass."""
+def chunks(costs: list[int], max_batch: int, max_cost: int) -> list[slice]:
+    """Cut inputs sorted by ascending cost into forward passes.
 
-    def __init__(self, model: EmbeddingModel, max_batch: int) -> None:
+    A chunk holds at most ``max_batch`` inputs and, when ``max_cost`` > 0, at most
+    ``max_cost`` padded units (inputs x the costliest one, i.e. tokens after padding); an input
+    over the budget on its own still gets a pass of its own.
+    """
+    out: list[slice] = []
+    lo = 0
+    for hi in range(1, len(costs) + 1):
+        size = hi - lo
+        if size > max_batch or (max_cost > 0 and size > 1 and size * costs[hi - 1] > max_cost):
+            out.append(slice(lo, hi - 1))
+            lo = hi - 1
+    if lo < len(costs):
+        out.append(slice(lo, len(costs)))
+    return out
+
+
+class BatchRunner:
+    """Runs batches of one kind through a model, cut into forward passes by count and cost.
+
+    :param max_batch: most inputs in one forward pass.
+    :param max_tokens: most padded cost units (tokens for text) in one pass; 0 = no limit.
+    """
+
+    def __init__(self, model: EmbeddingModel, max_batch: int, max_tokens: int = 0) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.max_tokens = max_tokens
         self.batches = 0
         self.items = 0
 
@@ -89,12 +113,13 @@ class BatchRunner:
         return self.model.prepare(job.kind, job.items, job.input_type)
 
     def _forward(self, kind: str, prepared: list[list[Any]]) -> npt.NDArray[np.float32]:
-        """All good inputs, sorted by cost to cut padding, in ``max_batch`` chunks."""
+        """All good inputs, sorted by cost to cut padding, in passes of bounded size and cost."""
         inputs = [x for job_inputs in prepared for x in job_inputs]
         out = np.zeros((len(inputs), self.model.dim), dtype=np.float32)
-        good = [i for i, x in enumerate(inputs) if not isinstance(x, ItemError)]
-        good.sort(key=lambda i: self.model.cost(inputs[i]))
-        for lo in range(0, len(good), self.max_batch):
-            idx = good[lo:lo + self.max_batch]
+        cost = self.model.cost
+        good = sorted((i for i, x in enumerate(inputs) if not isinstance(x, ItemError)),
+                      key=lambda i: cost(inputs[i]))
+        for part in chunks([cost(inputs[i]) for i in good], self.max_batch, self.max_tokens):
+            idx = good[part]
             out[idx] = self.model.forward(kind, [inputs[i] for i in idx])
         return out

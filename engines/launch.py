@@ -15,6 +15,7 @@ log = logging.getLogger("zembed.engine")
 def _settings(cfg: TextEngineConfig | ImageEngineConfig) -> RuntimeSettings:
     return RuntimeSettings(
         broker=cfg.broker, credits=cfg.credits, max_batch=cfg.max_batch,
+        max_tokens=getattr(cfg, "max_batch_tokens", 0),
         max_wait_ms=cfg.max_wait_ms, heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         heartbeat_liveness=cfg.heartbeat_liveness, stall_timeout_s=cfg.stall_timeout_s)
 

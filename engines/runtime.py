@@ -46,6 +46,7 @@ class RuntimeSettings:
     broker: str
     credits: int
     max_batch: int
+    max_tokens: int = 0  # padded tokens per forward pass (text); 0 = no limit
     max_wait_ms: float = 0.0
     heartbeat_interval_ms: int = p.HEARTBEAT_INTERVAL_MS
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
@@ -68,7 +69,7 @@ class EngineRuntime:
         self.ready_extra = ready_extra or {}
         self.ctx = ctx or zmq.Context()
         self.jobs = JobQueue()
-        self.runner = BatchRunner(model, settings.max_batch)
+        self.runner = BatchRunner(model, settings.max_batch, settings.max_tokens)
         # Decoding starts as a job arrives, so it overlaps the forward pass of the batch before.
         self.pool = (ThreadPoolExecutor(model.prepare_workers, thread_name_prefix="zembed-prep")
                      if model.prepare_workers > 0 else None)

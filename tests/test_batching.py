@@ -53,3 +53,17 @@ def test_drop_old_generation() -> None:
     q.put(job(2, 1, gen=2))
     assert q.drop_generation_before(2) == 1
     assert [j.token for j in q.take_batch(32, 0.1)] == [2]
+
+
+def test_chunks_respect_count_and_token_budget() -> None:
+    from zembed.engines.compute import chunks
+
+    costs = [5, 5, 6, 10, 10, 40, 300]  # sorted ascending, as the runner sorts them
+    parts = chunks(costs, max_batch=4, max_cost=64)
+    sizes = [(c.stop - c.start) for c in parts]
+    assert sum(sizes) == len(costs) and all(s <= 4 for s in sizes)
+    for c in parts:  # padded tokens within budget, unless one item is over it on its own
+        assert (c.stop - c.start) * max(costs[c]) <= 64 or c.stop - c.start == 1
+    assert [costs[c] for c in parts] == [[5, 5, 6, 10], [10], [40], [300]]
+    assert chunks(costs, max_batch=32, max_cost=0) == [slice(0, 7)]  # no budget: count only
+    assert chunks([], 32, 64) == []

@@ -114,6 +114,9 @@ class TextEngineConfig:
         64, "Items this engine holds in flight (its admission budget; bounds queueing), items."
     )
     max_batch: int = _opt(32, "Most items in one forward pass, items.")
+    max_batch_tokens: int = _opt(
+        8192, "Most tokens in one forward pass after padding (items x longest); 0 = no limit."
+    )
     max_wait_ms: float = _shared_opt("max_wait_ms")
     max_length: int = _opt(0, "Truncate inputs to this many tokens; 0 = the model's own limit.")
     query_prefix: str = _opt("", "Text prepended to items sent with input_type=query.")

@@ -7,6 +7,7 @@ status is simply ``exc.status``. No sockets here: everything is unit-testable.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,20 @@ MAX_HEADER_BYTES = 16 * 1024
 _U64_MAX = (1 << 64) - 1
 
 
+_local = threading.local()
+
+
 def packb(obj: Any) -> bytes:
-    """msgpack with zembed's conventions (bin type for bytes, str for text)."""
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    """msgpack with zembed's conventions (bin type for bytes, str for text).
+
+    One Packer per thread, reused: it keeps its buffer between calls instead of allocating a
+    packer and a buffer for every header on the hot path (a Packer is not thread-safe).
+    """
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    return packer.pack(obj)  # type: ignore[no-any-return]
 
 
 def unpack_header(raw: bytes) -> dict[str, Any]:
