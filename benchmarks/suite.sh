@@ -40,9 +40,13 @@ run --kind text --items 1 --concurrency 64 --repeat 1.0 --raw
 run --kind image --items 4 --concurrency 4 --raw
 echo; echo "== 2x overload: open loop at about twice the text lane's 1-item capacity"
 run --kind text --items 1 --rate 1000
-echo; echo "== rejection soak: 32-item requests far beyond capacity, broker RSS before/after"
-RSS0=$(rss)
-$Z bench --config "$CFG" --kind text --items 32 --rate 4000 --requests "${SOAK_REQUESTS:-400000}" \
-  --duration-s 600 2>/dev/null | grep -E "sent|time to 429"
-RSS1=$(rss)
-echo "broker RSS: ${RSS0} KiB before, ${RSS1} KiB after"
+echo; echo "== rejection soak: 1-item requests at ${SOAK_RATE:-8000}/s (far beyond capacity), broker RSS sampled every 5 s"
+SAMPLES=$(mktemp)
+( while kill -0 "$BROKER_PID" 2>/dev/null; do echo "$(date +%s) $(rss)" >> "$SAMPLES"; sleep 5; done ) &
+SAMPLER=$!
+$Z bench --config "$CFG" --kind text --items 1 --rate "${SOAK_RATE:-8000}" \
+  --requests "${SOAK_REQUESTS:-1000000}" --duration-s 900 2>/dev/null | grep -E "sent|time to 429"
+kill "$SAMPLER" 2>/dev/null || true
+echo "broker RSS samples (KiB), every 5 s:"; awk '{print $2}' "$SAMPLES" | tr '\n' ' '; echo
+awk 'NR==1{first=$2} {last=$2; if($2>max)max=$2} END{printf "first %d, last %d, max %d KiB: last/first %.3f\n", first, last, max, last/first}' "$SAMPLES"
+rm -f "$SAMPLES"

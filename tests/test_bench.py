@@ -70,3 +70,16 @@ def test_batched_equals_alone_to_bf16_rounding(stack_factory: Callable[[], Stack
     # At most one BF16 step apart (2^-7 relative): the rounding of a ~1e-7 difference.
     assert np.allclose(a, b, rtol=2.0**-7, atol=1e-6)
     assert (batched == alone).mean() > 0.95  # and almost always the very same bits
+
+
+def test_raw_transport_round_trip_uses_the_same_load_generator() -> None:
+    from zembed.tools.raw import zmq_round_trip
+
+    out = zmq_round_trip("text", items=2, in_flight=4, seconds=0.5)
+    assert out["round_trips_per_s"] > 0 and out["p50_ms"] > 0
+
+
+def test_repeat_pool_is_the_same_across_runs_and_fresh_items_are_not() -> None:
+    a, b = InputSource("text", repeat=1.0, pool=5), InputSource("text", repeat=1.0, pool=5)
+    assert a.pool == b.pool  # one run warms the cache for the next
+    assert set(InputSource("text").take(5)).isdisjoint(InputSource("text").take(5))

@@ -3,12 +3,13 @@
 Closed loop (``concurrency`` workers, each keeping ``window`` requests in flight) shows
 capacity; open loop (a fixed arrival rate, whatever the answers) shows what overload looks
 like: how much is rejected, how fast, and what the accepted requests' latency does. Every run
-is bounded by a duration and a request count. One asyncio client drives all of it.
+is bounded by a duration and a request count. One lean wire-level client drives all of it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import heapq
+import math
 import sys
 import time
 from collections import Counter
@@ -16,15 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zmq
 
 from zembed import protocol as p
-from zembed.client import AsyncClient
-from zembed.errors import ZembedError
+from zembed.client.codec import embed_frames, reply_id
 from zembed.tools.inputs import InputSource
 
 KIND_LANE = {p.KIND_TEXT: p.LANE_TEXT, p.KIND_CLIP_TEXT: p.LANE_IMAGE, p.KIND_IMAGE: p.LANE_IMAGE}
 #: Open loop never keeps more than this many requests outstanding (a bound, not a queue).
 OPEN_LOOP_MAX_IN_FLIGHT = 20_000
+#: Status counted for a request that got no answer within the client timeout.
+NO_ANSWER = 0
 
 
 @dataclass
@@ -100,7 +103,13 @@ class BenchReport:
 
 
 class Bench:
-    """Runs a :class:`BenchSpec` against a broker and fills a :class:`BenchReport`."""
+    """Runs a :class:`BenchSpec` against a broker and fills a :class:`BenchReport`.
+
+    The load generator speaks the wire protocol directly: one DEALER socket, frames built with
+    the SDK's own codec, one poll loop, and only reply headers decoded. It is deliberately
+    leaner than the SDK (no future or timer per request), so on a small machine it measures
+    the broker rather than itself; the SDK's own cost shows up in the tests and examples.
+    """
 
     def __init__(self, endpoint: str, spec: BenchSpec, progress: bool = True) -> None:
         self.endpoint = endpoint
@@ -109,83 +118,120 @@ class Bench:
         self.report = BenchReport()
         self.sources = {k: InputSource(k, spec.repeat, seed=i + 1)
                         for i, k in enumerate(spec.kinds)}
+        self._outstanding: dict[int, float] = {}  # request id -> perf_counter() when sent
+        self._parked: list[float] = []  # closed loop: slots backing off after a 429, until when
+        self._rid = 0
 
     def run(self) -> BenchReport:
         """Run to completion (bounded by duration and request count)."""
-        asyncio.run(self._main())
+        ctx: zmq.Context[Any] = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.endpoint)
+        try:
+            self._loop(sock)
+        finally:
+            sock.close(0)
+            ctx.term()
+        if self.progress:
+            sys.stderr.write("\n")
         return self.report
 
-    async def _main(self) -> None:
-        async with AsyncClient(self.endpoint, timeout=self.spec.timeout_s) as client:
-            t0 = time.perf_counter()
-            self._stop_at = t0 + self.spec.duration_s
-            ticker = asyncio.ensure_future(self._ticker(t0)) if self.progress else None
-            if self.spec.rate > 0:
-                await self._open_loop(client)
-            else:
-                await asyncio.gather(*(self._worker(client) for _ in
-                                       range(self.spec.concurrency * self.spec.window)))
-            self.report.elapsed_s = time.perf_counter() - t0
-            if ticker is not None:
-                ticker.cancel()
-                sys.stderr.write("\n")
-
-    def _budget_left(self) -> bool:
-        return time.perf_counter() < self._stop_at and self.report.sent < self.spec.requests
-
-    async def _worker(self, client: AsyncClient) -> None:
-        while self._budget_left():
-            self.report.sent += 1
-            retry_after = await self._one(client)
-            if retry_after:  # a closed-loop client backs off as told, like the SDK's retries
-                await asyncio.sleep(retry_after)
-
-    async def _open_loop(self, client: AsyncClient) -> None:
-        interval = 1.0 / self.spec.rate
-        tasks: set[asyncio.Task[Any]] = set()
-        next_at = time.perf_counter()
-        while self._budget_left():
-            now = time.perf_counter()
-            if now < next_at:
-                await asyncio.sleep(next_at - now)
-            next_at += interval
-            if len(tasks) < OPEN_LOOP_MAX_IN_FLIGHT:
-                self.report.sent += 1  # counted when scheduled, so the budget holds exactly
-                task: asyncio.Task[Any] = asyncio.ensure_future(self._one(client))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-
-    async def _one(self, client: AsyncClient) -> float:
-        """Send one request and record its outcome; returns the 429's retry_after, else 0."""
-        kind = self.spec.kinds[self.report.sent % len(self.spec.kinds)]
-        items = self.sources[kind].take(self.spec.items)
+    def _loop(self, sock: zmq.Socket[Any]) -> None:
+        spec, report = self.spec, self.report
+        slots = max(1, spec.concurrency * spec.window)
+        interval = 1.0 / spec.rate if spec.rate > 0 else 0.0
         t0 = time.perf_counter()
-        try:
-            result = await client.embed(KIND_LANE[kind], kind, items,
-                                        normalize=self.spec.normalize)
-        except ZembedError as exc:
-            self.report.statuses[exc.status] += 1
-            if exc.status == p.OVERLOADED:
-                self.report.reject_ms.append((time.perf_counter() - t0) * 1000)
-                return float(getattr(exc, "retry_after", 0.0)) or 0.001
-            return 0.0
-        self.report.latencies_ms.append((time.perf_counter() - t0) * 1000)
-        self.report.ok += 1
-        self.report.items_ok += len(result.vectors)
-        self.report.cached_items += result.cached
-        self.report.item_errors += len(result.item_errors)
-        return 0.0
-
-    async def _ticker(self, t0: float) -> None:
+        stop_at, next_at, tick_at = t0 + spec.duration_s, t0, t0 + 1.0
         while True:
-            await asyncio.sleep(1.0)
-            r, secs = self.report, time.perf_counter() - t0
-            sys.stderr.write(f"\r{secs:6.1f}s sent {r.sent} ok {r.ok} ({r.ok / secs:.0f}/s, "
-                             f"{r.items_ok / secs:.0f} items/s) 429 {r.rejected} "
-                             f"errors {r.errors}   ")
-            sys.stderr.flush()
+            now = time.perf_counter()
+            sending = now < stop_at and report.sent < spec.requests
+            if interval:
+                while sending and next_at <= now:
+                    next_at += interval
+                    if len(self._outstanding) < OPEN_LOOP_MAX_IN_FLIGHT:
+                        self._send(sock, now)
+                    sending = report.sent < spec.requests
+            else:
+                while self._parked and self._parked[0] <= now:
+                    heapq.heappop(self._parked)
+                while sending and len(self._outstanding) + len(self._parked) < slots:
+                    self._send(sock, now)
+                    sending = report.sent < spec.requests
+            if not sending and not self._outstanding:
+                break
+            wait = 0.1
+            if sending and interval:
+                wait = next_at - now
+            elif sending and self._parked:
+                wait = self._parked[0] - now
+            if sock.poll(max(0, math.ceil(wait * 1000)) if wait > 0 else 0):
+                self._drain(sock)
+            now = time.perf_counter()
+            self._expire(now)
+            if now >= tick_at:
+                tick_at = now + 1.0
+                self._tick(now - t0)
+        report.elapsed_s = time.perf_counter() - t0
+
+    def _send(self, sock: zmq.Socket[Any], now: float) -> None:
+        spec = self.spec
+        kind = spec.kinds[self.report.sent % len(spec.kinds)]
+        items = self.sources[kind].take(spec.items)
+        self._rid += 1
+        sock.send_multipart(embed_frames(self._rid, KIND_LANE[kind], kind, items,
+                                         normalize=spec.normalize, dtype=p.DTYPE_BF16,
+                                         timeout_s=spec.timeout_s, input_type=None))
+        self._outstanding[self._rid] = time.perf_counter()
+        self.report.sent += 1
+
+    def _drain(self, sock: zmq.Socket[Any]) -> None:
+        report = self.report
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            rid, header = reply_id(frames)
+            sent = self._outstanding.pop(rid, None) if rid is not None else None
+            if sent is None:
+                continue  # a reply we already gave up on
+            ms = (time.perf_counter() - sent) * 1000
+            status = int(header.get("status", p.ENGINE_ERROR))
+            if status != p.OK:
+                report.statuses[status] += 1
+                if status == p.OVERLOADED:
+                    report.reject_ms.append(ms)
+                    if not self.spec.rate:  # a closed-loop client backs off as told
+                        back = max(int(header.get("retry_after_ms") or 1), 1) / 1000
+                        heapq.heappush(self._parked, time.perf_counter() + back)
+                continue
+            report.latencies_ms.append(ms)
+            report.ok += 1
+            report.items_ok += int(header["shape"][0])
+            report.cached_items += int(header.get("cached", 0))
+            report.item_errors += len(header.get("item_errors") or ())
+
+    def _expire(self, now: float) -> None:
+        """Requests unanswered past the client timeout count as status 0 (no answer)."""
+        limit = now - self.spec.timeout_s
+        while self._outstanding:
+            rid, sent = next(iter(self._outstanding.items()))  # oldest first (insertion order)
+            if sent > limit:
+                return
+            del self._outstanding[rid]
+            self.report.statuses[NO_ANSWER] += 1
+
+    def _tick(self, secs: float) -> None:
+        if not self.progress:
+            return
+        r = self.report
+        sys.stderr.write(f"\r{secs:6.1f}s sent {r.sent} ok {r.ok} ({r.ok / secs:.0f}/s, "
+                         f"{r.items_ok / secs:.0f} items/s) 429 {r.rejected} "
+                         f"errors {r.errors}   ")
+        sys.stderr.flush()
 
 
 def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
@@ -196,12 +242,13 @@ def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
         from zembed.tools import raw as rawmod
 
         limits: dict[str, Any] = {}
+        for kind in spec.kinds:  # transport first: torch's idle threads would disturb it
+            dim = 384 if kind == p.KIND_TEXT else 512
+            limits[kind] = {"zmq": rawmod.zmq_round_trip(
+                kind, spec.items, max(1, spec.concurrency * spec.window), 3.0, dim=dim)}
         for kind in spec.kinds:
             batches = sorted({spec.items, 32 if kind == p.KIND_TEXT else 16})
-            limits[kind] = rawmod.model_forward(kind, batches, 3.0, config_file)
-            dim = 384 if kind == p.KIND_TEXT else 512
-            limits[kind]["zmq"] = rawmod.zmq_round_trip(
-                kind, spec.items, max(1, spec.concurrency * spec.window), 3.0, dim=dim)
+            limits[kind].update(rawmod.model_forward(kind, batches, 3.0, config_file))
         out["raw"] = limits
     out["served"] = Bench(endpoint, spec, progress).run().summary()
     return out

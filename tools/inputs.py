@@ -30,7 +30,9 @@ class InputSource:
         unique, 1 = all from the pool).
     :param seed: RNG seed for the words and the repeat choices.
     :param salt: mixed into every fresh input, so "unique" also means unique across runs
-        (a new random salt by default; fix it to replay a run exactly, cache included).
+        (a new random salt by default; fix it to replay a run exactly, cache included). The
+        repeat pool does not take the salt: it is the same in every run with the same seed,
+        so one run can warm the cache for the next.
     """
 
     def __init__(self, kind: str, repeat: float = 0.0, pool: int = 256, seed: int = 1,
@@ -45,15 +47,16 @@ class InputSource:
             from zembed.engines.image import synthetic_jpeg
 
             self._images = [synthetic_jpeg(*image_size, seed=s) for s in range(16)]
-        self.pool = [self._fresh() for _ in range(pool)]
+        self.pool = [self._fresh("pool") for _ in range(pool)]
 
-    def _fresh(self) -> Any:
+    def _fresh(self, salt: str | None = None) -> Any:
         self.counter += 1
+        salt = self.salt if salt is None else salt
         if self.kind == "image":
             base = self._images[self.counter % len(self._images)]
-            return base + struct.pack("<Q", self.counter) + self.salt.encode()
+            return base + struct.pack("<Q", self.counter) + salt.encode()
         words = self.rng.choices(WORDS, k=self.rng.randint(8, 16))
-        return " ".join(words) + f" {self.counter}{self.salt}"
+        return " ".join(words) + f" {self.counter}{salt}"
 
     def take(self, n: int) -> list[Any]:
         """``n`` items, each a repeat with probability ``repeat``."""

@@ -22,7 +22,6 @@ import zmq
 
 from zembed import config as cfgmod
 from zembed import protocol as p
-from zembed.client.codec import embed_frames
 from zembed.messages import reply_header
 from zembed.tools.inputs import InputSource
 
@@ -71,46 +70,36 @@ def _echo(endpoint: str, dim: int) -> None:
     while True:
         ident, _, raw, _ = sock.recv_multipart()
         h = msgpack.unpackb(raw)
-        body = bodies.setdefault(h["n"], bytes(4 * dim * h["n"]))
+        body = bodies.setdefault(h["n"], bytes(2 * dim * h["n"]))  # BF16, as bench asks
         sock.send_multipart([ident, p.CLIENT_PROTO, reply_header(
-            h["id"], p.OK, dtype=p.DTYPE_F32, shape=(h["n"], dim)), body])
+            h["id"], p.OK, dtype=p.DTYPE_BF16, shape=(h["n"], dim)), body])
 
 
 def zmq_round_trip(kind: str, items: int, in_flight: int, seconds: float,
                    dim: int = 384) -> dict[str, float]:
-    """Round trips/s and p50 of the same frames against a bare ROUTER echo process."""
+    """Round trips/s and p50 of the same frames, same load generator, against a bare echo.
+
+    The echo process answers every request at once with a reply of the real size and does
+    nothing else, so served/raw is what the broker (cache, admission, engines) costs on top of
+    ZeroMQ and the client loop.
+    """
+    from zembed.tools.bench import Bench, BenchSpec
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, dim),
                                                         daemon=True)
     proc.start()
-    sock: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    payload = InputSource(kind, seed=7).take(items)
-    lane = p.LANE_TEXT if kind == p.KIND_TEXT else p.LANE_IMAGE
     try:
-        sent: dict[int, float] = {}
-        lat: list[float] = []
-        rid = done = 0
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds or sent:
-            while len(sent) < in_flight and time.perf_counter() - t0 < seconds:
-                rid += 1
-                sent[rid] = time.perf_counter()
-                sock.send_multipart(embed_frames(rid, lane, kind, payload, normalize=True,
-                                                 dtype="f32", timeout_s=10, input_type=None))
-            if not sock.poll(5000):
-                raise TimeoutError("echo process did not answer")
-            frames = sock.recv_multipart()
-            got = msgpack.unpackb(frames[1])["id"]
-            lat.append((time.perf_counter() - sent.pop(got)) * 1000)
-            done += 1
-        elapsed = time.perf_counter() - t0
-        return {"round_trips_per_s": done / elapsed,
-                "p50_ms": float(np.percentile(np.array(lat[len(lat) // 10:]), 50))}
+        spec = BenchSpec(kinds=(kind,), items=items, concurrency=in_flight, window=1,
+                         duration_s=seconds, timeout_s=10.0)
+        report = Bench(endpoint, spec, progress=False).run()
+        if not report.ok:
+            raise TimeoutError("echo process did not answer")
+        lat = np.array(report.latencies_ms)
+        return {"round_trips_per_s": report.ok / report.elapsed_s,
+                "p50_ms": float(np.percentile(lat[len(lat) // 10:], 50))}
     finally:
-        sock.close()
         proc.kill()
         proc.join(5)
