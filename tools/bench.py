@@ -67,6 +67,8 @@ class BenchReport:
     latencies_ms: list[float] = field(default_factory=list)
     reject_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    duplicates: int = 0  # replies for a request that had already been answered
+    late: int = 0  # replies that came after the client had given up (counted as no answer)
 
     @property
     def rejected(self) -> int:
@@ -98,6 +100,8 @@ class BenchReport:
             "cache_hit_ratio": (round(self.cached_items / (self.items_ok + 0.0), 4)
                                 if self.items_ok else None),
             "item_errors": self.item_errors,
+            "no_answer": self.statuses.get(NO_ANSWER, 0),
+            "duplicates": self.duplicates, "late_replies": self.late,
             "elapsed_s": round(self.elapsed_s, 3),
         }
 
@@ -119,6 +123,7 @@ class Bench:
         self.sources = {k: InputSource(k, spec.repeat, seed=i + 1)
                         for i, k in enumerate(spec.kinds)}
         self._outstanding: dict[int, float] = {}  # request id -> perf_counter() when sent
+        self._given_up: set[int] = set()  # ids counted as no answer (a later reply is late)
         self._parked: list[float] = []  # closed loop: slots backing off after a 429, until when
         self._rid = 0
 
@@ -196,8 +201,13 @@ class Bench:
                 return
             rid, header = reply_id(frames)
             sent = self._outstanding.pop(rid, None) if rid is not None else None
-            if sent is None:
-                continue  # a reply we already gave up on
+            if sent is None:  # not outstanding: late (we gave up on it) or a second answer
+                if rid in self._given_up:
+                    self._given_up.discard(rid)
+                    report.late += 1
+                else:
+                    report.duplicates += 1
+                continue
             ms = (time.perf_counter() - sent) * 1000
             status = int(header.get("status", p.ENGINE_ERROR))
             if status != p.OK:
@@ -222,6 +232,7 @@ class Bench:
             if sent > limit:
                 return
             del self._outstanding[rid]
+            self._given_up.add(rid)
             self.report.statuses[NO_ANSWER] += 1
 
     def _tick(self, secs: float) -> None:
