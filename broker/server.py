@@ -145,7 +145,11 @@ class Broker:
                 self.engine_lost(identity, "unreachable")
 
     def _reply_internal_error(self, frames: list[zmq.Frame]) -> None:
-        self.replier.error(frames[0].bytes, None, None, p.ENGINE_ERROR, "internal broker error", 0)
+        """A bug met this message: answer 500 with its id when the id can be read."""
+        rid = None
+        with contextlib.suppress(Exception):
+            rid = request_id(unpack_header(frames[2].bytes))
+        self.replier.error(frames[0].bytes, rid, None, p.ENGINE_ERROR, "internal broker error", 0)
 
     def _drain(self, sock: zmq.Socket[Any], handle: Callable[[list[zmq.Frame]], None],
                on_bug: Callable[[list[zmq.Frame]], None] | None = None) -> None:
@@ -178,6 +182,8 @@ class Broker:
             if rid is None:
                 raise BadRequest("header field 'id' must be an unsigned 64-bit integer")
             op = header.get("op", p.OP_EMBED)
+            if not isinstance(op, str):
+                raise BadRequest("header field 'op' must be a string")
             if op in p.MANAGEMENT_OPS and len(frames) in (3, 4):
                 self.answer_management(identity, rid, op)
                 return
