@@ -26,7 +26,8 @@ from PIL import Image
 from zembed import protocol as p
 from zembed.config import ImageEngineConfig
 from zembed.engines.devices import default_threads, dtype_name, resolve_device, resolve_dtype
-from zembed.engines.imageio import DecodeLimits, FetchPolicy, decode, item_bytes
+from zembed.engines.gpudecode import JpegTensorPrep, TensorPreprocess, check_decode
+from zembed.engines.imageio import DecodeLimits, FetchPolicy, item_bytes, load_rgb, open_checked
 from zembed.engines.model import ItemError
 
 log = logging.getLogger("zembed.engine.image")
@@ -88,6 +89,8 @@ class ImageModel:
         import open_clip
 
         torch.set_num_threads(cfg.threads if cfg.threads > 0 else default_threads())
+        self.device = resolve_device(cfg.device)
+        self.decode = check_decode(cfg.decode, self.device)  # before the slow model load
         if cfg.model_config:
             open_clip.add_model_config(cfg.model_config)
         has_schema = cfg.model.startswith(("hf-hub:", "local-dir:"))
@@ -104,7 +107,6 @@ class ImageModel:
             log.warning("serving RANDOM weights for %s (seed %d): vectors are meaningless; "
                         "for smoke tests and benchmarks only", cfg.model, RANDOM_SEED)
             torch.manual_seed(RANDOM_SEED)
-        self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(
@@ -123,6 +125,9 @@ class ImageModel:
         self.limits = DecodeLimits(cfg.max_pixels, cfg.min_side, cfg.draft, self.image_size)
         self.fetch = FetchPolicy(cfg.fetch_urls, cfg.fetch_allow_hosts, cfg.fetch_max_bytes,
                                  cfg.fetch_timeout_s)
+        self.jpeg_prep = (JpegTensorPrep(TensorPreprocess.from_model(self.model), self.device,
+                                         self.limits, self.fetch, self._cpu_path)
+                          if self.decode == "gpu" else None)
         self.prepare_workers = cfg.decode_workers or max(1, len(os.sched_getaffinity(0)) // 2)
         self._fingerprints = {k: self._make_fingerprint(k) for k in self.kinds}
 
@@ -141,26 +146,45 @@ class ImageModel:
         return {"model": self.arch, "pretrained": self.pretrained_label,
                 "random_weights": self.random_weights, "device": str(self.device),
                 "dtype": dtype_name(self.dtype), "image_size": self.image_size,
-                "draft": self.limits.draft, "decode_workers": self.prepare_workers,
+                "draft": self.limits.draft, "decode": self.decode,
+                "decode_workers": self.prepare_workers,
                 "threads": torch.get_num_threads()}
 
     def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
-        """Images: fetch/decode/check/preprocess each to a tensor, or an ItemError."""
+        """Images: fetch/decode/check/preprocess each to a tensor, or an ItemError.
+
+        ``--decode gpu``: JPEGs through the tensor pipeline on the model's GPU, the rest on
+        the CPU path (engines/gpudecode.py says why this happens here, on the decode pool).
+        """
         if kind == p.KIND_CLIP_TEXT:
             return list(items)
+        if self.jpeg_prep is not None:
+            return self.jpeg_prep.prepare(items)
+        return self.prepare_cpu(items)
+
+    def prepare_cpu(self, items: list[Any]) -> list[Any]:
+        """The CPU path for image items: PIL decode and open_clip's transform, per item."""
         return [self._prepare_image(item) for item in items]
 
     def _prepare_image(self, item: Any) -> Any:
         data = item_bytes(item, self.fetch)
         if isinstance(data, ItemError):
             return data
-        img = decode(data, self.limits)
+        img = open_checked(data, self.limits)
         if isinstance(img, ItemError):
             return img
+        return self._cpu_path(img)
+
+    def _cpu_path(self, img: Image.Image) -> torch.Tensor | ItemError:
+        """Decode a header-checked image with PIL, then open_clip's own preprocessing."""
+        rgb = load_rgb(img, self.limits)
+        if isinstance(rgb, ItemError):
+            return rgb
         try:
-            return self.preprocess(img)
+            tensor: torch.Tensor = self.preprocess(rgb)
         except Exception as exc:
             return ItemError(p.BAD_REQUEST, f"image could not be preprocessed: {exc}")
+        return tensor
 
     def cost(self, prepared: Any) -> int:
         """Images all cost the same after preprocessing; texts sort by length."""

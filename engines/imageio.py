@@ -97,6 +97,17 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 def decode(data: bytes, limits: DecodeLimits) -> Image.Image | ItemError:
     """Open, check and decode an encoded image to RGB; never raises for bad data."""
+    img = open_checked(data, limits)
+    return img if isinstance(img, ItemError) else load_rgb(img, limits)
+
+
+def open_checked(data: bytes, limits: DecodeLimits) -> Image.Image | ItemError:
+    """Read the header only and apply the limits (format, pixel count, smallest side).
+
+    Every decoder, PIL's or the GPU's (engines/gpudecode.py), starts from here, so a
+    decompression bomb is refused before any pixel is decoded. The image is not decoded yet:
+    its ``format`` says which decoder may take it, :func:`load_rgb` decodes it with PIL.
+    """
     if not data:
         return ItemError(p.BAD_REQUEST, "empty image (0 bytes)")
     try:
@@ -112,6 +123,11 @@ def decode(data: bytes, limits: DecodeLimits) -> Image.Image | ItemError:
     if min(width, height) < limits.min_side:
         return ItemError(p.BAD_REQUEST,
                          f"{width}x{height} is too small (sides of {limits.min_side}+ needed)")
+    return img
+
+
+def load_rgb(img: Image.Image, limits: DecodeLimits) -> Image.Image | ItemError:
+    """Decode an image from :func:`open_checked` to RGB with PIL (JPEG draft where allowed)."""
     try:
         if limits.draft and img.format == "JPEG":
             img.draft("RGB", (limits.target, limits.target))

@@ -154,6 +154,10 @@ class ImageEngineConfig:
     decode_workers: int = _opt(
         0, "Threads decoding and preprocessing images; 0 = half the available cores (>= 1)."
     )
+    decode: str = _opt(
+        "cpu", "Where JPEGs are decoded: cpu (PIL on the decode threads) or gpu (nvJPEG and "
+        "tensor preprocessing on the model's CUDA device; other formats stay on the CPU).",
+    )
     draft: bool = _opt(
         True, "Decode JPEGs at reduced scale when still >= the model's input size (faster)."
     )
