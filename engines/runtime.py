@@ -127,6 +127,7 @@ class EngineRuntime:
                 log.warning("broker silent or asked us to re-register; reconnecting in %.2fs",
                             backoff)
                 self._stop.wait(backoff)
+                self._wait_until_healthy(interval)
                 backoff = min(backoff * 2, p.RECONNECT_MAX_MS / 1000)
                 sock = self._connect()
                 poller.register(sock, zmq.POLLIN)
@@ -138,6 +139,14 @@ class EngineRuntime:
         self._send(sock, [p.DISCONNECT])
         sock.close(linger=100)
         pipe.close(linger=0)
+
+    def _wait_until_healthy(self, interval: float) -> None:
+        """While a forward pass is stuck, stay unregistered: READY now would only take work
+        this engine cannot do (the broker would lose it a second time)."""
+        if not self.healthy(time.monotonic()):
+            log.warning("inference is stuck; re-registering once it moves again")
+        while not self._stop.is_set() and not self.healthy(time.monotonic()):
+            self._stop.wait(interval)
 
     def stop(self) -> None:
         """Ask the engine to say DISCONNECT and exit (signal handlers call this)."""
