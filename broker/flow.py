@@ -115,7 +115,7 @@ class EmbedFlow:
         stats.single_flight_joins += req.joined
         if not plan.send:
             if req.missing == 0:
-                self.replier.vectors(req, now)
+                self.replier.vectors(req)
             else:
                 self.pending.track(req)
             return None
@@ -152,6 +152,7 @@ class EmbedFlow:
             else None
         if flight is None:
             return
+        engine.note_reply(header)
         status = header.get("status")
         buf = body.buffer
         if status == p.OK and len(buf) != flight.n * engine.dim * 2:
@@ -165,7 +166,7 @@ class EmbedFlow:
         done, fresh = self.pending.land(flight.token, buf,
                                         item_errors_by_position(header.get("item_errors")))
         for req in done:
-            self.replier.vectors(req, now)
+            self.replier.vectors(req)
         if fresh:
             self.cache.set_many([(key, encode_value(words, engine.dim)) for key, words in fresh])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
+import time
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,6 @@ class Replier:
         self.frontend = frontend
         self.state = state
         self.counters = counters
-        self.latencies_ms: dict[str, deque[float]] = {
-            lane: deque(maxlen=4096) for lane in state.lanes}
 
     def send(self, identity: bytes, frames: list[Any]) -> None:
         """Send without ever blocking; a client that is gone or not reading is counted."""
@@ -41,10 +39,14 @@ class Replier:
             self.counters["client_gone"] += 1
 
     def error(self, identity: bytes, rid: int | None, lane: str | None, status: int,
-              message: str, n: int, *, retry_after_ms: int | None = None) -> None:
-        """An error reply (empty body), counted under its lane."""
-        self.state.count(lane, status, n)
+              message: str, n: int, *, retry_after_ms: int | None = None,
+              started: float | None = None) -> None:
+        """An error reply (empty body), counted under its lane (timed if ``started``)."""
         header = reply_header(rid, status, error=message, retry_after_ms=retry_after_ms)
+        stats = self.state.count(lane, status, n, len(header))
+        if stats is not None and started is not None:
+            now = time.monotonic()
+            stats.timed(status, now - started, now)
         self.send(identity, [p.CLIENT_PROTO, header, _EMPTY])
 
     def request_error(self, req: ClientRequest, status: int, message: str,
@@ -53,9 +55,9 @@ class Replier:
         if not req.answered:
             req.answered = True
             self.error(req.client, req.rid, req.lane, status, message, req.n,
-                       retry_after_ms=retry_after_ms)
+                       retry_after_ms=retry_after_ms, started=req.started)
 
-    def vectors(self, req: ClientRequest, now: float) -> None:
+    def vectors(self, req: ClientRequest) -> None:
         """The assembled rows of a complete request, widened to f32 when it asked for f32."""
         if req.answered:
             return
@@ -66,6 +68,8 @@ class Replier:
         errors = sorted(req.item_errors) or None
         header = reply_header(req.rid, p.OK, dtype=req.dtype, shape=(req.n, req.dim),
                               cached=req.cached, item_errors=errors)
-        self.state.count(req.lane, p.OK, req.n)
-        self.latencies_ms[req.lane].append((now - req.started) * 1000)
+        stats = self.state.count(req.lane, p.OK, req.n, len(header) + len(body))
+        if stats is not None:
+            now = time.monotonic()  # not the turn's start: the cache read is part of it
+            stats.timed(p.OK, now - req.started, now)
         self.send(req.client, [p.CLIENT_PROTO, header, body])

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import zmq
 
 from zembed import __version__
@@ -25,6 +24,7 @@ from zembed.broker.flow import EmbedFlow, send_engine
 from zembed.broker.pending import ClientRequest
 from zembed.broker.replies import Replier
 from zembed.broker.state import BrokerState
+from zembed.broker.stats import BrokerStats, ConnectionCounter, StatsPublisher
 from zembed.cache.backends import Cache, open_cache
 from zembed.config import BrokerConfig
 from zembed.errors import BadRequest, ZembedError
@@ -75,6 +75,10 @@ class Broker:
         self.replier = Replier(self.frontend, self.state, self.counters)
         self.flow = EmbedFlow(self.state, self.cache, self.replier, self.backend,
                               cfg.cache_prefix)
+        self.stats = BrokerStats(
+            self.state, self.flow, self.counters, StatsPublisher(self.ctx, cfg.stats_endpoint),
+            ConnectionCounter(self.frontend), interval_s=cfg.stats_interval_s,
+            stall_s=cfg.loop_stall_s, now=self.started)
         self._batch: list[ClientRequest] = []
         self._running = False
 
@@ -89,11 +93,13 @@ class Broker:
         return sock
 
     def bind(self) -> None:
-        """Bind both sockets; endpoints come from the config."""
+        """Bind the client, engine and stats sockets; endpoints come from the config."""
         self.frontend.bind(self.cfg.frontend)
         self.backend.bind(self.cfg.backend)
-        log.info("broker %s: clients on %s, engines on %s, lanes %s, cache %s", __version__,
-                 self.cfg.frontend, self.cfg.backend, ",".join(self.cfg.lanes), self.cache.name)
+        self.stats.publisher.bind()
+        log.info("broker %s: clients on %s, engines on %s, lanes %s, cache %s, stats on %s",
+                 __version__, self.cfg.frontend, self.cfg.backend, ",".join(self.cfg.lanes),
+                 self.cache.name, self.cfg.stats_endpoint if self.stats.publisher.sock else "-")
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -102,24 +108,34 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.stats.clients.sock, zmq.POLLIN)
+        loop = self.stats.loop
+        self.stats.watchdog.start()
         self._running = True
         while self._running:
-            now = time.monotonic()
-            timeout_s = self.state.next_timer(now)
-            deadline = self.flow.pending.next_deadline()
-            if deadline is not None:
-                timeout_s = min(timeout_s, max(0.0, deadline - now))
-            timeout_ms = math.ceil(timeout_s * 1000)
-            events = dict(poller.poll(max(1, timeout_ms)))
+            events = dict(poller.poll(self.poll_timeout_ms(time.monotonic())))
+            loop.begin(time.monotonic())
             if self.frontend in events:
                 self.process_clients()
             if self.backend in events:
                 self.process_engines()
+            if self.stats.clients.sock in events:
+                self.stats.clients.drain()
             now = time.monotonic()
             self.answer_expired(now)
             self.purge_dead_engines(now)
             self.send_heartbeats(now)
+            self.stats.tick(now)
+            loop.end(time.monotonic())
         self.shutdown()
+
+    def poll_timeout_ms(self, now: float) -> int:
+        """Until the next timer: heartbeat, engine expiry, client deadline or stats tick."""
+        timeout_s = min(self.state.next_timer(now), self.stats.next_due - now)
+        deadline = self.flow.pending.next_deadline()
+        if deadline is not None:
+            timeout_s = min(timeout_s, deadline - now)
+        return max(1, math.ceil(timeout_s * 1000))
 
     def stop(self) -> None:
         """Ask the loop to finish its current turn and shut down."""
@@ -130,6 +146,7 @@ class Broker:
         self.flow.abort_all("broker shutting down")
         for engine in list(self.state.engines.values()):
             self.send_engine(engine.identity, p.DISCONNECT, {"reason": "broker shutting down"})
+        self.stats.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
         self.cache.close()
@@ -193,6 +210,7 @@ class Broker:
                 raise BadRequest(f"an embed request has 3 frames, got {len(frames) - 1}")
             lane, kind, normalize, dtype, deadline_ms, n, input_type = parse_embed_header(
                 header, self.lane_kinds, self.limits)
+            self.state.stats[lane].bytes_in += len(frames[2]) + len(frames[3])
             items = parse_items(frames[3].buffer, kind, n, self.limits)
         except ZembedError as exc:
             if exc.status == p.BAD_REQUEST:
@@ -209,30 +227,17 @@ class Broker:
         body: dict[str, Any] = {"version": __version__, "uptime_s": round(now - self.started, 3)}
         status, error = p.OK, None
         if op == p.OP_READY:
-            missing = self.state.missing_lanes()
-            body["ready"] = not missing
-            body["missing"] = missing
+            missing, reasons = self.stats.readiness(now)
+            body.update(ready=not missing, missing=missing, reasons=reasons)
             if missing:
-                status, error = p.UNAVAILABLE, f"no live engine for lane(s): {', '.join(missing)}"
+                status, error = p.UNAVAILABLE, "not ready: " + "; ".join(reasons)
         elif op == p.OP_STATS:
-            body.update(self.stats_snapshot(now))
+            body.update(self.stats.snapshot(now))
         elif op == p.OP_HEALTH:
-            body["status"] = "ok"
+            body.update(status="ok", loop={**self.stats.loop.snapshot(),
+                                           "stalls": self.stats.watchdog.stalls})
         self.replier.send(identity, [p.CLIENT_PROTO, reply_header(rid, status, error=error),
                                      packb(body)])
-
-    def stats_snapshot(self, now: float) -> dict[str, Any]:
-        """State snapshot plus broker counters and latency percentiles per lane."""
-        snap = self.state.snapshot(now)
-        for lane, lat in self.replier.latencies_ms.items():
-            if lat:
-                q = np.percentile(np.fromiter(lat, dtype=np.float64), [50, 90, 99])
-                snap["lanes"][lane]["latency_ms"] = {
-                    "p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3),
-                    "p99": round(float(q[2]), 3), "window": len(lat)}
-        snap["counters"] = dict(self.counters)
-        snap["cache"] = {**self.cache.state(), "corrupt": self.flow.cache_corrupt}
-        return snap
 
     # -- engines ---------------------------------------------------------------------------
 

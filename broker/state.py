@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zembed import protocol as p
+from zembed.broker.metrics import Histogram, LatencyWindow
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
 
 #: Window over which a lane's completion rate is measured for ``retry_after_ms``.
 RATE_WINDOW_S = 2.0
+#: An engine silent for this many heartbeat intervals has missed a heartbeat: still served
+#: (it is dead only after ``liveness`` intervals), but no longer counted as ready.
+LIVE_INTERVALS = 2
 
 
 @dataclass(slots=True)
@@ -38,9 +42,17 @@ class Engine:
     inflight: set[int] = field(default_factory=set)
     requests_done: int = 0
     items_done: int = 0
+    batches: int = 0  # the engine's own counters since its process started (REPLY headers)
+    batch_items: int = 0
 
     def __post_init__(self) -> None:
         self.credits_free = self.credits_total
+
+    def note_reply(self, header: dict[str, Any]) -> None:
+        """Take the engine's batch counters from a REPLY header, where it sends them."""
+        batches, items = header.get("batches"), header.get("batch_items")
+        if type(batches) is int and type(items) is int:
+            self.batches, self.batch_items = batches, items
 
 
 @dataclass(slots=True)
@@ -65,7 +77,11 @@ class LaneModel:
 
 @dataclass(slots=True)
 class LaneStats:
-    """Monotonic counters of one lane, by status and in items."""
+    """Monotonic counters of one lane (by status, in items, in bytes) and its latencies.
+
+    ``latency`` times answered 200s and ``reject`` the 429s (time to say no), both from the
+    broker's receipt of the request to its reply.
+    """
 
     requests: dict[int, int] = field(default_factory=lambda: dict.fromkeys(p.STATUSES, 0))
     items: dict[int, int] = field(default_factory=lambda: dict.fromkeys(p.STATUSES, 0))
@@ -76,6 +92,21 @@ class LaneStats:
     late_replies: int = 0
     engines_registered: int = 0
     engines_lost: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    latency: Histogram = field(default_factory=Histogram)
+    latency_window: LatencyWindow = field(default_factory=LatencyWindow)
+    reject: Histogram = field(default_factory=Histogram)
+    reject_window: LatencyWindow = field(default_factory=LatencyWindow)
+
+    def timed(self, status: int, took_s: float, now: float) -> None:
+        """Record how long an answered request took, if its status is one we time."""
+        if status == p.OK:
+            self.latency.observe(took_s)
+            self.latency_window.observe(now, took_s)
+        elif status == p.OVERLOADED:
+            self.reject.observe(took_s)
+            self.reject_window.observe(now, took_s)
 
 
 class BrokerState:
@@ -91,6 +122,7 @@ class BrokerState:
         self.lanes = lanes
         self.heartbeat_interval_s = heartbeat_interval_s
         self.expiry_s = heartbeat_interval_s * liveness
+        self.live_s = heartbeat_interval_s * min(LIVE_INTERVALS, liveness)
         self.engines: dict[bytes, Engine] = {}
         self.by_lane: dict[str, list[Engine]] = {lane: [] for lane in lanes}
         self.inflight: dict[int, Inflight] = {}
@@ -236,45 +268,70 @@ class BrokerState:
             due = min(due, engine.expires_at, engine.last_sent + self.heartbeat_interval_s)
         return max(0.0, due - now)
 
-    def missing_lanes(self) -> list[str]:
-        """Configured lanes without a live engine (engines register only after warm-up)."""
-        return [lane for lane, peers in self.by_lane.items() if not peers]
+    def heard_age(self, engine: Engine, now: float) -> float:
+        """Seconds since ``engine`` last sent anything (any message is a heartbeat)."""
+        return now - (engine.expires_at - self.expiry_s)
 
-    def count(self, lane: str | None, status: int, n: int) -> None:
-        """Count one answered request of ``n`` items under its status."""
-        if lane is not None and lane in self.stats:
-            stats = self.stats[lane]
-            stats.requests[status] = stats.requests.get(status, 0) + 1
-            stats.items[status] = stats.items.get(status, 0) + n
+    def is_live(self, engine: Engine, now: float) -> bool:
+        """Registered (so warmed up) and has not missed its last heartbeat."""
+        return self.heard_age(engine, now) < self.live_s
+
+    def missing_lanes(self, now: float) -> list[str]:
+        """Configured lanes without a live engine (engines register only after warm-up)."""
+        return [lane for lane, peers in self.by_lane.items()
+                if not any(self.is_live(e, now) for e in peers)]
+
+    def count(self, lane: str | None, status: int, n: int, nbytes: int = 0) -> LaneStats | None:
+        """Count one answered request of ``n`` items (``nbytes`` sent) under its status."""
+        if lane is None or lane not in self.stats:
+            return None
+        stats = self.stats[lane]
+        stats.requests[status] = stats.requests.get(status, 0) + 1
+        stats.items[status] = stats.items.get(status, 0) + n
+        stats.bytes_out += nbytes
+        return stats
+
+    def engine_view(self, e: Engine, now: float) -> dict[str, Any]:
+        """One engine as the stats show it (see docs/stats.md)."""
+        return {
+            "id": e.identity.hex(), "alive": self.is_live(e, now), "pid": e.info.get("pid"),
+            "fingerprint": e.fingerprint, "dim": e.dim, "model": e.info.get("model"),
+            "kinds": sorted(e.kinds), "device": e.info.get("device"),
+            "random_weights": bool(e.info.get("random_weights", False)),
+            "warmup_items_per_s": e.info.get("warmup_items_per_s"),
+            "credits_total": e.credits_total, "credits_free": e.credits_free,
+            "items_in_flight": e.credits_total - e.credits_free,
+            "requests_done": e.requests_done, "items_done": e.items_done,
+            "batches": e.batches, "batch_items": e.batch_items,
+            "mean_batch_size": round(e.batch_items / e.batches, 2) if e.batches else None,
+            "heartbeat_age_s": round(self.heard_age(e, now), 3),
+        }
+
+    def lane_view(self, lane: str, now: float) -> dict[str, Any]:
+        """One lane's engines, credits, counters and latencies (see docs/stats.md)."""
+        peers, st = self.by_lane[lane], self.stats[lane]
+        engines = [self.engine_view(e, now) for e in peers]
+        return {
+            "ready": any(e["alive"] for e in engines),
+            "engines": engines,
+            "credits_total": sum(e.credits_total for e in peers),
+            "credits_free": sum(e.credits_free for e in peers),
+            "requests": {str(k): v for k, v in st.requests.items()},
+            "items": {str(k): v for k, v in st.items.items()},
+            "items_dispatched": st.items_dispatched,
+            "cache_hits": dict(st.cache_hits), "cache_misses": dict(st.cache_misses),
+            "single_flight_joins": st.single_flight_joins,
+            "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
+            "items_per_s": round(self.lane_rate(lane, now), 1),
+            "engines_registered": st.engines_registered,
+            "engines_lost": st.engines_lost,
+            "latency_ms": st.latency_window.quantiles_ms(now),
+            "latency_hist": st.latency.snapshot(),
+            "reject_ms": st.reject_window.quantiles_ms(now),
+            "reject_hist": st.reject.snapshot(),
+        }
 
     def snapshot(self, now: float) -> dict[str, Any]:
-        """A msgpack-able view of lanes, engines and counters for the ``stats`` op."""
-        lanes: dict[str, Any] = {}
-        for lane, peers in self.by_lane.items():
-            st = self.stats[lane]
-            lanes[lane] = {
-                "engines": [
-                    {
-                        "id": e.identity.hex(), "fingerprint": e.fingerprint, "dim": e.dim,
-                        "model": e.info.get("model"), "kinds": sorted(e.kinds),
-                        "random_weights": bool(e.info.get("random_weights", False)),
-                        "credits_total": e.credits_total,
-                        "credits_free": e.credits_free,
-                        "items_in_flight": e.credits_total - e.credits_free,
-                        "requests_done": e.requests_done, "items_done": e.items_done,
-                        "heartbeat_age_s": round(now - (e.expires_at - self.expiry_s), 3),
-                    }
-                    for e in peers
-                ],
-                "credits_total": sum(e.credits_total for e in peers),
-                "credits_free": sum(e.credits_free for e in peers),
-                "requests": {str(k): v for k, v in st.requests.items()},
-                "items": {str(k): v for k, v in st.items.items()},
-                "items_dispatched": st.items_dispatched,
-                "cache_hits": dict(st.cache_hits), "cache_misses": dict(st.cache_misses),
-                "single_flight_joins": st.single_flight_joins,
-                "items_per_s": round(self.lane_rate(lane, now), 1),
-                "engines_registered": st.engines_registered,
-                "engines_lost": st.engines_lost,
-            }
-        return {"lanes": lanes, "in_flight": len(self.inflight), "late_replies": self.late_replies}
+        """A msgpack-able view of lanes, engines and counters for the stats."""
+        return {"lanes": {lane: self.lane_view(lane, now) for lane in self.lanes},
+                "in_flight": len(self.inflight), "late_replies": self.late_replies}

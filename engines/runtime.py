@@ -259,7 +259,10 @@ class EngineRuntime:
         return [self._reply(o) for o in outcomes]
 
     def _reply(self, o: Outcome) -> list[Any]:
-        header: dict[str, Any] = {"tok": o.job.token, "status": o.status}
+        # Cumulative batch counters ride along so the broker's stats show batch sizes.
+        header: dict[str, Any] = {"tok": o.job.token, "status": o.status,
+                                  "batches": self.runner.batches,
+                                  "batch_items": self.runner.items}
         if o.status == p.OK:
             header.update(dtype=p.DTYPE_BF16, shape=[o.n, self.model.dim])
         if o.error is not None:

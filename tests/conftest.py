@@ -80,6 +80,7 @@ class Stack:
 
     frontend: str
     backend: str
+    stats: str = ""  # the broker's stats PUB endpoint
     procs: list[Proc] = field(default_factory=list)
     broker: Proc | None = None
     engine: Proc | None = None  # the engine a test singles out, where it needs one
@@ -92,7 +93,8 @@ class Stack:
         """
         proc = spawn("broker", ["start", "broker", "--frontend", self.frontend,
                                 "--backend", self.backend, "--lanes", "text", "--cache", "off",
-                                "--heartbeat-interval-ms", str(HEARTBEAT_MS), *args])
+                                "--heartbeat-interval-ms", str(HEARTBEAT_MS),
+                                "--stats-endpoint", self.stats, *args])
         self.broker = proc
         self.procs.append(proc)
         return proc
@@ -146,7 +148,8 @@ def spawn(name: str, args: list[str]) -> Proc:
 
 
 def new_stack() -> Stack:
-    return Stack(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}")
+    return Stack(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}",
+                 f"tcp://127.0.0.1:{free_port()}")
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ ZEMBED = [sys.executable, "-m", "zembed"]
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
-    fe, be = free_port(), free_port()
+    fe, be, st = free_port(), free_port(), free_port()
     path = tmp_path / "zembed.toml"
     path.write_text(
         f'[broker]\nfrontend = "tcp://127.0.0.1:{fe}"\nbackend = "tcp://127.0.0.1:{be}"\n'
-        'lanes = ["text"]\ncache = "off"\n'
+        f'stats_endpoint = "tcp://127.0.0.1:{st}"\nlanes = ["text"]\ncache = "off"\n'
         f'[text]\nbroker = "tcp://127.0.0.1:{be}"\nthreads = 1\n'
         f'[client]\nendpoint = "tcp://127.0.0.1:{fe}"\n')
     return path
@@ -79,8 +79,9 @@ def test_embed_text_error_is_clean(shared_stack: Stack) -> None:
 
 
 def test_probes_succeed_on_a_ready_stack(shared_stack: Stack) -> None:
-    for op in ("ping", "health", "ready", "stats"):
-        out = subprocess.run([*ZEMBED, op, "--endpoint", shared_stack.frontend],
+    for op in (["ping"], ["health"], ["ready"],
+               ["stats", "--once", "--json", "--stats-endpoint", shared_stack.stats]):
+        out = subprocess.run([*ZEMBED, *op, "--endpoint", shared_stack.frontend],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, (op, out.stderr)
         assert isinstance(json.loads(out.stdout), dict)

@@ -120,4 +120,4 @@ def test_snapshot_counts(state: BrokerState) -> None:
     lane = snap["lanes"]["text"]
     assert lane["requests"]["200"] == 1 and lane["items"]["200"] == 3
     assert lane["requests"]["429"] == 1 and lane["credits_free"] == 4
-    assert state.missing_lanes() == ["image"]
+    assert state.missing_lanes(0.1) == ["image"]

@@ -186,13 +186,16 @@ def _probe(op: str, config_file: str | None, flags: dict[str, Any]) -> None:
             sys.exit(1)
     click.echo(json.dumps(answer, sort_keys=True))
     if op == "ready" and not answer.get("ready"):
+        click.echo(answer.get("error", "not ready"), err=True)
         sys.exit(1)
 
 
 for _op, _help in (("ping", "Round trip to the broker (exit 1 if no answer)."),
-                   ("health", "Broker liveness probe (exit 1 if the loop does not answer)."),
-                   ("ready", "Readiness probe: every lane has a live, warm engine (exit 1 if not)."),
-                   ("stats", "Print a snapshot of the broker's counters as JSON.")):
+                   ("health", "Liveness probe: exit 1 if the broker loop does not answer within "
+                              "--timeout-s (a stuck loop answers nobody)."),
+                   ("ready", "Readiness probe: every lane has a live, warm engine that answered its "
+                             "last heartbeat, and the cache is reachable or off (exit 1 if not, "
+                             "naming what is missing).")):
 
     def _make(op: str) -> Any:
         @config_file_option
@@ -203,6 +206,91 @@ for _op, _help in (("ping", "Round trip to the broker (exit 1 if no answer)."),
         return command
 
     main.command(_op, help=_help)(_make(_op))
+
+
+_poll_option = click.option(
+    "--poll", is_flag=True,
+    help="Ask the frontend (--endpoint) with the stats op each second instead of subscribing "
+         "to --stats-endpoint (for hosts that cannot reach the loopback stats socket).")
+
+
+def _stats_source(config_file: str | None, flags: dict[str, Any], poll: bool) -> Any:
+    from zembed.tools.statsource import open_source
+
+    cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
+    return cfg, open_source(cfg.stats_endpoint, cfg.endpoint, poll=poll)
+
+
+def _export(config_file: str | None, flags: dict[str, Any], poll: bool, port: int,
+            addr: str) -> None:
+    import signal
+    import threading
+
+    from zembed.tools import exporter
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    _, source = _stats_source(config_file, flags, poll)
+    click.echo(f"zembed exporter: http://{addr}:{port}/metrics from {source.where}", err=True)
+    try:
+        exporter.serve(source, port, addr, stop)
+    finally:
+        source.close()
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Print one snapshot and exit (1 if none came).")
+@click.option("--json", "as_json", is_flag=True,
+              help="JSON instead of the table: one object per snapshot, one per line.")
+@click.option("--prometheus-port", type=int, default=None,
+              help="Serve a Prometheus exporter on this port instead (like `zembed exporter`).")
+@click.option("--prometheus-addr", default="127.0.0.1", show_default=True,
+              help="Address the exporter binds (0.0.0.0 to be scraped from elsewhere).")
+@_poll_option
+@config_file_option
+@config_options(cfgmod.ClientConfig)
+def stats(once: bool, as_json: bool, prometheus_port: int | None, prometheus_addr: str,
+          poll: bool, config_file: str | None, **flags: Any) -> None:
+    """Live dashboard of the broker's stats socket: per-lane rates, latencies, credits, cache."""
+    from zembed.tools import dashboard
+
+    if prometheus_port is not None:
+        _export(config_file, flags, poll, prometheus_port, prometheus_addr)
+        return
+    cfg, source = _stats_source(config_file, flags, poll)
+    try:
+        if not (once or as_json):
+            sys.exit(dashboard.run(source))
+        while True:
+            snap = source.next(timeout_s=cfg.timeout_s)
+            if snap is None:
+                click.echo(f"stats: no snapshot from {source.where} within {cfg.timeout_s} s "
+                           "(broker down, or its stats socket off or elsewhere? try --poll)",
+                           err=True)
+                sys.exit(1)
+            if as_json:
+                click.echo(json.dumps(snap, sort_keys=True))
+            else:
+                click.echo("\n".join(dashboard.Dashboard(source.where).frame(snap)))
+            if once:
+                return
+    except KeyboardInterrupt:
+        pass
+    finally:
+        source.close()
+
+
+@main.command()
+@click.option("--port", default=9108, show_default=True, help="Port of /metrics.")
+@click.option("--addr", default="127.0.0.1", show_default=True,
+              help="Address to bind (0.0.0.0 to be scraped from elsewhere).")
+@_poll_option
+@config_file_option
+@config_options(cfgmod.ClientConfig)
+def exporter(port: int, addr: str, poll: bool, config_file: str | None, **flags: Any) -> None:
+    """Prometheus exporter: the broker's stats snapshots on http://ADDR:PORT/metrics."""
+    _export(config_file, flags, poll, port, addr)
 
 
 @main.command()

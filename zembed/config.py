@@ -93,6 +93,13 @@ class BrokerConfig:
     )
     cache_memory_items: int = _opt(200_000, "Vectors kept by the in-process memory cache.")
     cache_prefix: str = _opt("zembed", "Prefix of every cache key (several zembeds, one Redis).")
+    stats_endpoint: str = _opt(
+        p.DEFAULT_STATS, "Endpoint the stats PUB socket binds (loopback by default); empty = off."
+    )
+    stats_interval_s: float = _opt(1.0, "Period of the stats snapshots on the PUB socket, s.")
+    loop_stall_s: float = _opt(
+        5.0, "A loop turn longer than this is logged with the loop's stack (watchdog), s."
+    )
     log_level: str = _shared_opt("log_level")
 
 
@@ -185,6 +192,9 @@ class ClientConfig:
 
     endpoint: str = _opt(p.DEFAULT_FRONTEND, "Broker frontend endpoint to connect to.")
     timeout_s: float = _opt(10.0, "Deadline of each request, s.")
+    stats_endpoint: str = _opt(
+        p.DEFAULT_STATS, "Broker stats PUB endpoint that `zembed stats` and the exporter read."
+    )
 
 
 CONFIG_CLASSES: tuple[type[Any], ...] = (

@@ -74,6 +74,8 @@ RECONNECT_MAX_MS: Final = 8_000
 # Default endpoints: loopback only; binding wider is an explicit choice.
 DEFAULT_FRONTEND: Final = "tcp://127.0.0.1:5555"
 DEFAULT_BACKEND: Final = "tcp://127.0.0.1:5556"
+#: The broker's stats PUB socket (one msgpack snapshot per interval; see docs/stats.md).
+DEFAULT_STATS: Final = "tcp://127.0.0.1:5557"
 
 #: Kinds each lane serves; a request's ``kind`` must belong to its ``lane``.
 LANE_KINDS: Final = {

@@ -1,0 +1,247 @@
+"""The broker's stats: the snapshot, its PUB socket, connected clients, the loop watchdog.
+
+Once per ``stats_interval_s`` the loop builds one snapshot (``docs/stats.md`` documents every
+field) and sends it as a single msgpack frame on a PUB socket. PUB drops messages for a
+subscriber whose queue is full (``SNDHWM`` of a few snapshots) and the send is non-blocking,
+so a subscriber that is slow, stalled or gone costs the broker nothing. The same snapshot
+answers the ``stats`` management op, and its readiness part answers ``ready``.
+
+Binding the stats endpoint can fail (the port is taken by another broker on the host): the
+broker then serves without it and says so in the log and in the snapshot, because metrics
+must never take the service down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from zembed import __version__
+from zembed.broker.flow import EmbedFlow
+from zembed.broker.metrics import LoopMeter
+from zembed.broker.state import BrokerState
+from zembed.messages import packb
+
+log = logging.getLogger("zembed.broker")
+
+#: Version of the snapshot layout; bumped when a field changes meaning or goes away.
+SCHEMA = 1
+#: Snapshots queued per subscriber before newer ones are dropped for it.
+PUB_HWM = 4
+#: Kernel send buffer per subscriber connection, bytes. Fixed rather than autotuned (up to
+#: several MB), so a stalled subscriber holds little memory and is dropped for soon; dozens
+#: of snapshots still fit, plenty for a subscriber that reads.
+PUB_SNDBUF = 64 << 10
+
+
+class StatsPublisher:
+    """The PUB socket: binds if it can, sends without ever blocking.
+
+    :param endpoint: where to bind; empty = no stats socket.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.sock: zmq.Socket[Any] | None = None
+        self.error: str | None = None
+        self.published = 0
+        self.dropped = 0
+
+    def bind(self) -> None:
+        if not self.endpoint:
+            return
+        sock = self.ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, PUB_HWM)
+        sock.setsockopt(zmq.SNDBUF, PUB_SNDBUF)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self.error = f"cannot bind {self.endpoint}: {exc}"
+            log.error("stats socket off: %s (set --stats-endpoint to another address, or '' "
+                      "to disable it)", self.error)
+            return
+        self.sock = sock
+
+    def publish(self, snapshot: dict[str, Any]) -> None:
+        if self.sock is None:
+            return
+        try:
+            self.sock.send(packb(snapshot), zmq.NOBLOCK)
+        except zmq.Again:  # PUB drops on its own; this only guards the call itself
+            self.dropped += 1
+        else:
+            self.published += 1
+
+    def state(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"endpoint": self.endpoint, "bound": self.sock is not None,
+                               "published": self.published}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+
+class ConnectionCounter:
+    """Connections open on a socket, from its ZeroMQ monitor (accepted minus disconnected).
+
+    The monitor's PAIR socket must be drained by the loop (:meth:`drain`), which polls it
+    with the others.
+    """
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self.watched = sock
+        self.sock = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.open = 0
+        self.accepted = 0
+
+    def drain(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.sock, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                self.open += 1
+                self.accepted += 1
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.open = max(0, self.open - 1)
+
+    def close(self) -> None:
+        self.watched.disable_monitor()
+        self.sock.close(linger=0)
+
+
+class LoopWatchdog:
+    """A thread that logs the loop's stack when one turn runs past ``stall_s``.
+
+    The loop itself cannot report that it is stuck, and a probe only learns it by a timeout;
+    the log line says *where* it is stuck. Counted in ``broker.loop.stalls``.
+    """
+
+    def __init__(self, meter: LoopMeter, stall_s: float) -> None:
+        self.meter = meter
+        self.stall_s = stall_s
+        self.stalls = 0
+        self._loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="zembed-watchdog", daemon=True)
+
+    def start(self) -> None:
+        """Watch the calling thread (the loop's)."""
+        self._loop_thread = threading.get_ident()
+        if self.stall_s > 0:
+            self._thread.start()
+
+    def _watch(self) -> None:
+        reported: float | None = None
+        while not self._stop.wait(min(1.0, self.stall_s / 4)):
+            since = self.meter.busy_since
+            if since is None or since == reported:
+                continue
+            stuck_s = time.monotonic() - since
+            if stuck_s >= self.stall_s:
+                reported = since
+                self.stalls += 1
+                frame = sys._current_frames().get(self._loop_thread)
+                where = "".join(traceback.format_stack(frame)) if frame else "(unknown)\n"
+                log.error("broker loop stuck in one turn for %.1f s (probes go unanswered); "
+                          "it is at:\n%s", stuck_s, where.rstrip())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+
+class BrokerStats:
+    """Builds snapshots from the broker's parts and publishes one per interval.
+
+    :param interval_s: seconds between snapshots (also the loop-utilisation interval).
+    """
+
+    def __init__(self, state: BrokerState, flow: EmbedFlow, counters: dict[str, int],
+                 publisher: StatsPublisher, clients: ConnectionCounter, *,
+                 interval_s: float, stall_s: float, now: float) -> None:
+        self.state = state
+        self.flow = flow
+        self.cache = flow.cache
+        self.counters = counters
+        self.publisher = publisher
+        self.clients = clients
+        self.interval_s = interval_s
+        self.loop = LoopMeter(now)
+        self.watchdog = LoopWatchdog(self.loop, stall_s)
+        self.started = now
+        self.started_at = time.time()
+        self.seq = 0
+        self.next_due = now + interval_s
+
+    def tick(self, now: float) -> None:
+        """Close an interval and publish, when one is due."""
+        if now < self.next_due:
+            return
+        self.next_due = max(self.next_due + self.interval_s, now)
+        self.loop.roll(now)
+        if self.publisher.sock is not None:
+            self.seq += 1
+            self.publisher.publish(self.snapshot(now))
+
+    def readiness(self, now: float) -> tuple[list[str], list[str]]:
+        """What keeps the broker from being ready: (names, reasons); both empty when ready."""
+        missing, reasons = [], []
+        for lane in self.state.missing_lanes(now):
+            missing.append(lane)
+            peers = self.state.by_lane[lane]
+            if not peers:
+                reasons.append(f"lane {lane}: no engine registered (engines register after "
+                               "warm-up)")
+            else:
+                age = min(self.state.heard_age(e, now) for e in peers)
+                reasons.append(f"lane {lane}: no engine answered its last heartbeat "
+                               f"(last heard {age:.1f} s ago)")
+        cache = self.cache.state()
+        if not cache.get("up", True):
+            missing.append("cache")
+            reasons.append(f"cache: {cache.get('backend')} unreachable "
+                           f"({cache.get('errors', 0)} errors; set cache off to run without)")
+        return missing, reasons
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """The whole snapshot (docs/stats.md): lanes, engines, cache, broker."""
+        snap = self.state.snapshot(now)
+        missing, _ = self.readiness(now)
+        uptime = round(now - self.started, 3)
+        snap.update(
+            schema=SCHEMA, seq=self.seq, time=round(time.time(), 3),
+            interval_s=self.interval_s, version=__version__, uptime_s=uptime,
+            counters=dict(self.counters),
+            cache={**self.cache.state(), "corrupt": self.flow.cache_corrupt},
+            broker={
+                "version": __version__, "pid": os.getpid(), "uptime_s": uptime,
+                "started_at": round(self.started_at, 3), "ready": not missing,
+                "missing": missing, "connected_clients": self.clients.open,
+                "clients_accepted": self.clients.accepted,
+                "loop": {**self.loop.snapshot(), "stalls": self.watchdog.stalls},
+                "stats_socket": self.publisher.state(),
+            })
+        return snap
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        self.clients.close()
+        self.publisher.close()
