@@ -70,6 +70,11 @@ class EmbedFlow:
                                              req.normalize, req.input_type), req.items)
                         if fingerprint else [None] * req.n)
         hits = self.lookup(batch)
+        if hits is None:  # the cache could not be read: every lookup was an error (and a miss)
+            hits = {}
+            for req in batch:
+                errors = self.state.stats[req.lane].cache_errors
+                errors[req.kind] = errors.get(req.kind, 0) + sum(k is not None for k in req.keys)
         lost: list[bytes] = []
         for req in batch:
             model = self.state.models.get(req.lane)
@@ -82,8 +87,11 @@ class EmbedFlow:
                 lost.append(gone)
         return lost
 
-    def lookup(self, batch: list[ClientRequest]) -> dict[bytes, bytes]:
-        """One cache round trip for all keys of the batch: key -> BF16 words of valid hits."""
+    def lookup(self, batch: list[ClientRequest]) -> dict[bytes, bytes] | None:
+        """One cache round trip for all keys of the batch: key -> BF16 words of valid hits.
+
+        None when the cache could not be read (down, failing): all misses, counted as errors.
+        """
         wanted: dict[bytes, int] = {}
         for req in batch:
             model = self.state.models.get(req.lane)
@@ -94,7 +102,10 @@ class EmbedFlow:
             return {}
         keys = list(wanted)
         found: dict[bytes, bytes] = {}
-        for key, value in zip(keys, self.cache.get_many(keys), strict=True):
+        values = self.cache.get_many(keys)
+        if self.cache.read_failed:
+            return None
+        for key, value in zip(keys, values, strict=True):
             if value is None:
                 continue
             words = decode_value(value, wanted[key])

@@ -37,6 +37,7 @@ from zembed.messages import (
     request_id,
     unpack_header,
 )
+from zembed.security import BACKEND_DOMAIN, FRONTEND_DOMAIN, BrokerAuth, ServerCurve
 
 log = logging.getLogger("zembed.broker")
 
@@ -66,6 +67,12 @@ class Broker:
                                  liveness=cfg.heartbeat_liveness)
         self.frontend = self._router(max_message_bytes=cfg.max_message_bytes)
         self.backend = self._router(max_message_bytes=-1)
+        self.auth: BrokerAuth | None = None
+        if cfg.curve_secret_key:  # before bind: only allowed keys ever complete a handshake
+            self.auth = BrokerAuth(self.ctx, ServerCurve(
+                cfg.curve_secret_key, cfg.curve_clients_dir, cfg.curve_engines_dir))
+            self.auth.arm(self.frontend, FRONTEND_DOMAIN)
+            self.auth.arm(self.backend, BACKEND_DOMAIN)
         self.started = time.monotonic()
         self.counters = {"client_gone": 0, "bad_client_frames": 0, "bad_engine_frames": 0,
                          "internal_errors": 0}
@@ -149,6 +156,8 @@ class Broker:
         self.stats.close()
         self.frontend.close(linger=0)
         self.backend.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.cache.close()
 
     # -- clients ---------------------------------------------------------------------------

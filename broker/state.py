@@ -88,6 +88,7 @@ class LaneStats:
     items_dispatched: int = 0
     cache_hits: dict[str, int] = field(default_factory=dict)
     cache_misses: dict[str, int] = field(default_factory=dict)
+    cache_errors: dict[str, int] = field(default_factory=dict)
     single_flight_joins: int = 0
     late_replies: int = 0
     engines_registered: int = 0
@@ -320,6 +321,7 @@ class BrokerState:
             "items": {str(k): v for k, v in st.items.items()},
             "items_dispatched": st.items_dispatched,
             "cache_hits": dict(st.cache_hits), "cache_misses": dict(st.cache_misses),
+            "cache_errors": dict(st.cache_errors),
             "single_flight_joins": st.single_flight_joins,
             "bytes_in": st.bytes_in, "bytes_out": st.bytes_out,
             "items_per_s": round(self.lane_rate(lane, now), 1),

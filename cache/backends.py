@@ -32,6 +32,9 @@ class Cache(Protocol):
     """A store of framed BF16 vectors by key."""
 
     name: str
+    #: True when the last ``get_many`` could not ask the store (down or failing): its misses
+    #: are errors, counted per lane in the stats.
+    read_failed: bool
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         """Values for ``keys`` (None = miss); never raises."""
@@ -54,6 +57,7 @@ class NullCache:
     """``cache = "off"``: every lookup misses, nothing is stored."""
 
     name = "off"
+    read_failed = False
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         return [None] * len(keys)
@@ -72,6 +76,7 @@ class MemoryCache:
     """Bounded in-process LRU with per-entry TTL: same keys and values as Redis."""
 
     name = "memory"
+    read_failed = False
 
     def __init__(self, max_items: int, ttl_s: float) -> None:
         self.max_items = max_items
@@ -154,6 +159,7 @@ class RedisCache:
         self.url = url
         self.ttl_s = ttl_s
         self.breaker = Breaker()
+        self.read_failed = False
         self.client = _client(url, timeout_s)
         self.writes_dropped = 0
         self.written = 0
@@ -171,12 +177,14 @@ class RedisCache:
 
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
         now = time.monotonic()
-        if not keys or not self.breaker.allow(now):
+        self.read_failed = bool(keys) and not self.breaker.allow(now)
+        if not keys or self.read_failed:
             return [None] * len(keys)
         try:
             values: list[bytes | None] = self.client.mget(keys)
         except Exception as exc:  # connection refused, timeout, protocol errors, ...
             self.breaker.failed(now, exc)
+            self.read_failed = True
             return [None] * len(keys)
         self.breaker.succeeded()
         return values

@@ -28,6 +28,7 @@ from zembed.client.codec import (
 from zembed.client.images import image_items
 from zembed.client.sync import GRACE_S
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+from zembed.security import arm_client
 
 
 def _expire(future: asyncio.Future[Any], endpoint: str) -> None:
@@ -41,7 +42,8 @@ class AsyncClient:
 
     def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
                  retries: int = 0, backoff: float = 0.05,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
+                 ctx: zmq.asyncio.Context | None = None, curve_secret_key: str = "",
+                 curve_server_key: str = "") -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
@@ -50,6 +52,7 @@ class AsyncClient:
             ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        arm_client(self._sock, curve_secret_key, curve_server_key)
         self._sock.connect(endpoint)
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._reader: asyncio.Task[None] | None = None

@@ -27,6 +27,7 @@ from zembed.client.codec import (
 )
 from zembed.client.images import image_items
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+from zembed.security import arm_client
 
 #: Extra local wait past a request's deadline: the broker's own 504 should arrive first.
 GRACE_S = 0.5
@@ -52,11 +53,14 @@ class Client:
         within the timeout; 0 raises them at once.
     :param backoff: first backoff step for retries, seconds.
     :param ctx: ZeroMQ context (the process-wide instance by default).
+    :param curve_secret_key: CurveZMQ: this client's ``.key_secret`` file (``zembed keygen``).
+    :param curve_server_key: CurveZMQ: the broker's public ``.key`` file. Both or neither.
     """
 
     def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
                  retries: int = 0, backoff: float = 0.05,
-                 ctx: zmq.Context[Any] | None = None) -> None:
+                 ctx: zmq.Context[Any] | None = None, curve_secret_key: str = "",
+                 curve_server_key: str = "") -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
@@ -65,6 +69,7 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         # Do not park requests on a connection that is not up: fail fast instead.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        arm_client(self._sock, curve_secret_key, curve_server_key)
         self._sock.connect(endpoint)
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._waiting: set[int] = set()

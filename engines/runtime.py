@@ -33,6 +33,7 @@ from zembed.engines.batching import Job, JobQueue
 from zembed.engines.compute import BatchRunner, Outcome
 from zembed.engines.model import EmbeddingModel
 from zembed.messages import packb, unpack_header
+from zembed.security import arm_client
 
 log = logging.getLogger("zembed.engine")
 
@@ -51,6 +52,8 @@ class RuntimeSettings:
     heartbeat_interval_ms: int = p.HEARTBEAT_INTERVAL_MS
     heartbeat_liveness: int = p.HEARTBEAT_LIVENESS
     stall_timeout_s: float = 60.0
+    curve_secret_key: str = ""  # CurveZMQ: this engine's .key_secret file
+    curve_server_key: str = ""  # CurveZMQ: the broker's public .key file
 
 
 class EngineRuntime:
@@ -167,6 +170,7 @@ class EngineRuntime:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        arm_client(sock, self.s.curve_secret_key, self.s.curve_server_key)
         sock.connect(self.s.broker)
         self._sock = sock
         self._send(sock, [p.READY, packb(self.ready_header())])

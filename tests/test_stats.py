@@ -297,6 +297,8 @@ def test_ready_needs_the_cache(stack_factory: Callable[[], Stack],
         answer = c.ready()
         assert answer["missing"] == ["cache"] and "cache" in answer["reasons"][0]
         assert c.embed_texts(["still served"]).shape == (1, 384)  # not ready, yet serving
+        lane = c.stats()["lanes"]["text"]
+        assert lane["cache_errors"]["text"] >= 1 and lane["cache_misses"]["text"] >= 1
         redis_server.start()
         wait_until(lambda: is_ready(c), 20)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from zembed import protocol as p
 from zembed.broker.metrics import LATENCY_BUCKETS_S, Histogram, LatencyWindow, LoopMeter
 from zembed.broker.state import BrokerState
-from zembed.broker.stats import BrokerStats, ConnectionCounter, StatsPublisher
+from zembed.broker.stats import BrokerStats, ConnectionCounter, LoopWatchdog, StatsPublisher
 from zembed.cache.backends import NullCache
 from zembed.tools import dashboard
 from zembed.tools.exporter import SnapshotCollector
@@ -70,6 +71,24 @@ def test_loop_meter_utilisation_and_longest_turn() -> None:
     assert snap["max_turn_ms"] == pytest.approx(200)
     m.roll(2.0)
     assert m.snapshot()["utilisation"] == 0 and m.snapshot()["busy_s"] == pytest.approx(0.25)
+
+
+def test_watchdog_logs_where_a_stuck_turn_is(caplog: pytest.LogCaptureFixture) -> None:
+    meter = LoopMeter(time.monotonic())
+    dog = LoopWatchdog(meter, stall_s=0.2)
+    dog.start()  # watches this thread
+    try:
+        meter.begin(time.monotonic())
+        deadline = time.monotonic() + 5
+        while dog.stalls == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # "stuck" in this very function
+        time.sleep(0.3)
+        meter.end(time.monotonic())
+    finally:
+        dog.stop()
+    assert dog.stalls == 1  # one stuck turn is reported once
+    assert "broker loop stuck in one turn" in caplog.text
+    assert "test_watchdog_logs_where_a_stuck_turn_is" in caplog.text  # with the loop's stack
 
 
 def test_an_engine_that_missed_a_heartbeat_is_not_ready() -> None:

@@ -21,6 +21,7 @@ import zmq
 
 from zembed import protocol as p
 from zembed.client.codec import embed_frames, reply_id
+from zembed.security import arm_client
 from zembed.tools.inputs import InputSource
 
 KIND_LANE = {p.KIND_TEXT: p.LANE_TEXT, p.KIND_CLIP_TEXT: p.LANE_IMAGE, p.KIND_IMAGE: p.LANE_IMAGE}
@@ -115,8 +116,10 @@ class Bench:
     the broker rather than itself; the SDK's own cost shows up in the tests and examples.
     """
 
-    def __init__(self, endpoint: str, spec: BenchSpec, progress: bool = True) -> None:
+    def __init__(self, endpoint: str, spec: BenchSpec, progress: bool = True,
+                 curve: tuple[str, str] = ("", "")) -> None:
         self.endpoint = endpoint
+        self.curve = curve  # (this client's .key_secret file, the broker's .key file)
         self.spec = spec
         self.progress = progress
         self.report = BenchReport()
@@ -134,6 +137,7 @@ class Bench:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        arm_client(sock, *self.curve)
         sock.connect(self.endpoint)
         try:
             self._loop(sock)
@@ -246,7 +250,7 @@ class Bench:
 
 
 def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
-        progress: bool) -> dict[str, Any]:
+        progress: bool, curve: tuple[str, str] = ("", "")) -> dict[str, Any]:
     """Raw limits (when asked) then the served run; one dict with everything."""
     out: dict[str, Any] = {"spec": {k: v for k, v in vars(spec).items()}}
     if raw:
@@ -261,7 +265,8 @@ def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
             batches = sorted({spec.items, 32 if kind == p.KIND_TEXT else 16})
             limits[kind].update(rawmod.model_forward(kind, batches, 3.0, config_file))
         out["raw"] = limits
-    out["served"] = Bench(endpoint, spec, progress).run().summary()
+    out["served"] = Bench(endpoint, spec, progress, curve).run().summary()
+    out["curve"] = bool(curve[0])
     return out
 
 

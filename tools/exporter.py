@@ -103,7 +103,8 @@ def lane_families(lanes: dict[str, Any]) -> Iterator[Metric]:
         return [([lane], row.get(key, 0)) for lane, row in lanes.items()]
 
     def by(key: str) -> list[tuple[list[str], float]]:
-        return [([lane, k], v) for lane, row in lanes.items() for k, v in row[key].items()]
+        return [([lane, k], v) for lane, row in lanes.items()
+                for k, v in row.get(key, {}).items()]
 
     yield _gauge("zembed_lane_ready", "1 if the lane has a live engine.", ["lane"],
                  [([lane], 1 if row.get("ready") else 0) for lane, row in lanes.items()])
@@ -117,6 +118,8 @@ def lane_families(lanes: dict[str, Any]) -> Iterator[Metric]:
                    by("cache_hits"))
     yield _counter("zembed_cache_misses", "Items not found in the cache.", ["lane", "kind"],
                    by("cache_misses"))
+    yield _counter("zembed_cache_lookup_errors", "Items whose lookup failed (cache down; also "
+                   "counted as misses).", ["lane", "kind"], by("cache_errors"))
     yield _counter("zembed_single_flight_joins", "Items that joined an identical one in flight.",
                    ["lane"], per_lane("single_flight_joins"))
     yield _counter("zembed_received_bytes", "Bytes of embed requests (header and body).",

@@ -39,10 +39,14 @@ def start_broker(config_file: str | None, **flags: Any) -> None:
     """Run the broker: clients on --frontend, engines on --backend."""
     from zembed import logs
     from zembed.broker.server import serve
+    from zembed.security import CurveKeyError
 
     cfg = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file, flags=flags)
     logs.setup(cfg.log_level, "broker")
-    serve(cfg)
+    try:
+        serve(cfg)
+    except CurveKeyError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @start.command("text")
@@ -52,10 +56,14 @@ def start_text(config_file: str | None, **flags: Any) -> None:
     """Run a text engine (sentence-embedding transformer) for the broker at --broker."""
     from zembed import logs
     from zembed.engines.launch import serve_text
+    from zembed.security import CurveKeyError
 
     cfg = cfgmod.load(cfgmod.TextEngineConfig, config_file=config_file, flags=flags)
     logs.setup(cfg.log_level, "text")
-    serve_text(cfg)
+    try:
+        serve_text(cfg)
+    except CurveKeyError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @start.command("image")
@@ -64,15 +72,38 @@ def start_text(config_file: str | None, **flags: Any) -> None:
 def start_image(config_file: str | None, **flags: Any) -> None:
     """Run an image engine (open_clip: images and CLIP text) for the broker at --broker."""
     from zembed import logs
+    from zembed.engines.gpudecode import DecodeUnavailable
     from zembed.engines.image import WeightsUnavailable
     from zembed.engines.launch import serve_image
+    from zembed.security import CurveKeyError
 
     cfg = cfgmod.load(cfgmod.ImageEngineConfig, config_file=config_file, flags=flags)
     logs.setup(cfg.log_level, "image")
     try:
         serve_image(cfg)
-    except WeightsUnavailable as exc:
+    except (WeightsUnavailable, DecodeUnavailable, CurveKeyError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write NAME.key (public) and NAME.key_secret (private).")
+def keygen(name: str, directory: str) -> None:
+    """Make a CurveZMQ key pair for a broker, an engine or a client.
+
+    Give the broker its .key_secret (--curve-secret-key) and every peer the broker's .key
+    (--curve-server-key); copy each allowed client's or engine's .key into the broker's
+    --curve-clients-dir or --curve-engines-dir.
+    """
+    from zembed.security import CurveKeyError
+    from zembed.security import keygen as make_keys
+
+    try:
+        public, secret = make_keys(directory, name)
+    except CurveKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"public key: {public}\nsecret key: {secret} (mode 600; keep it private)")
 
 
 # -- up ------------------------------------------------------------------------------------
@@ -96,7 +127,8 @@ def _client(config_file: str | None, flags: dict[str, Any]) -> Any:
     from zembed.client import Client
 
     cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
-    return Client(cfg.endpoint, timeout=cfg.timeout_s)
+    return Client(cfg.endpoint, timeout=cfg.timeout_s, curve_secret_key=cfg.curve_secret_key,
+                  curve_server_key=cfg.curve_server_key)
 
 
 @main.group()
@@ -320,9 +352,10 @@ def bench(kind: str, items: int, concurrency: int, window: int, rate: float, dur
     spec = benchmod.BenchSpec(kinds=kinds, items=items, concurrency=concurrency, window=window,
                               rate=rate, duration_s=duration_s, requests=requests,
                               repeat=repeat)
-    endpoint = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags).endpoint
-    result = benchmod.run(endpoint, spec, raw=raw, config_file=config_file,
-                          progress=not as_json)
+    ccfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
+    result = benchmod.run(ccfg.endpoint, spec, raw=raw, config_file=config_file,
+                          progress=not as_json,
+                          curve=(ccfg.curve_secret_key, ccfg.curve_server_key))
     click.echo(json.dumps(result, indent=2) if as_json else benchmod.render(result))
 
 

@@ -47,6 +47,10 @@ _SHARED_OPTS: dict[str, tuple[Any, str]] = {
         60.0, "A forward pass running longer than this stops heartbeats (engine reported dead), s."
     ),
     "log_level": ("info", "Logging level (debug, info, warning, error)."),
+    "curve_secret_key": (
+        "", "CurveZMQ: this process's .key_secret file (zembed keygen); empty = no CURVE."
+    ),
+    "curve_server_key": ("", "CurveZMQ: the broker's public .key file (with curve_secret_key)."),
 }
 
 
@@ -93,6 +97,15 @@ class BrokerConfig:
     )
     cache_memory_items: int = _opt(200_000, "Vectors kept by the in-process memory cache.")
     cache_prefix: str = _opt("zembed", "Prefix of every cache key (several zembeds, one Redis).")
+    curve_secret_key: str = _opt(
+        "", "CurveZMQ: the broker's .key_secret file; empty = no CURVE (plain TCP)."
+    )
+    curve_clients_dir: str = _opt(
+        "", "CurveZMQ: directory of the public keys (*.key) of clients allowed on the frontend."
+    )
+    curve_engines_dir: str = _opt(
+        "", "CurveZMQ: directory of the public keys (*.key) of engines allowed on the backend."
+    )
     stats_endpoint: str = _opt(
         p.DEFAULT_STATS, "Endpoint the stats PUB socket binds (loopback by default); empty = off."
     )
@@ -131,6 +144,8 @@ class TextEngineConfig:
     heartbeat_interval_ms: int = _shared_opt("heartbeat_interval_ms")
     heartbeat_liveness: int = _shared_opt("heartbeat_liveness")
     stall_timeout_s: float = _shared_opt("stall_timeout_s")
+    curve_secret_key: str = _shared_opt("curve_secret_key")
+    curve_server_key: str = _shared_opt("curve_server_key")
     log_level: str = _shared_opt("log_level")
 
 
@@ -181,6 +196,8 @@ class ImageEngineConfig:
     heartbeat_interval_ms: int = _shared_opt("heartbeat_interval_ms")
     heartbeat_liveness: int = _shared_opt("heartbeat_liveness")
     stall_timeout_s: float = _shared_opt("stall_timeout_s")
+    curve_secret_key: str = _shared_opt("curve_secret_key")
+    curve_server_key: str = _shared_opt("curve_server_key")
     log_level: str = _shared_opt("log_level")
 
 
@@ -192,6 +209,8 @@ class ClientConfig:
 
     endpoint: str = _opt(p.DEFAULT_FRONTEND, "Broker frontend endpoint to connect to.")
     timeout_s: float = _opt(10.0, "Deadline of each request, s.")
+    curve_secret_key: str = _shared_opt("curve_secret_key")
+    curve_server_key: str = _shared_opt("curve_server_key")
     stats_endpoint: str = _opt(
         p.DEFAULT_STATS, "Broker stats PUB endpoint that `zembed stats` and the exporter read."
     )
