@@ -359,6 +359,29 @@ def bench(kind: str, items: int, concurrency: int, window: int, rate: float, dur
     click.echo(json.dumps(result, indent=2) if as_json else benchmod.render(result))
 
 
+@main.command()
+@click.option("--minutes", default=10.0, show_default=True, help="How long load is sent.")
+@click.option("--rate", default=40.0, show_default=True, help="Requests/s, all kinds, open loop.")
+@click.option("--image-args", default="--random-weights", show_default=True,
+              help="`zembed start image` arguments; '' for a text-only soak.")
+@click.option("--fault-every-s", default=20.0, show_default=True,
+              help="Seconds between faults (text kill, image kill, Redis kill, in turn).")
+@click.option("--down-s", default=2.0, show_default=True, help="Seconds a killed process stays down.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def soak(minutes: float, rate: float, image_args: str, fault_every_s: float, down_s: float,
+         as_json: bool) -> None:
+    """Mixed load on a private stack while engines and Redis are killed; exit 1 unless every
+    request was answered exactly once."""
+    from zembed.tools import soak as soakmod
+
+    spec = soakmod.SoakSpec(seconds=minutes * 60, rate=rate, image_args=image_args,
+                            fault_every_s=fault_every_s, down_s=down_s)
+    report = soakmod.Soak(spec, progress=not as_json).run()
+    click.echo(json.dumps(report, indent=2) if as_json else soakmod.render(report))
+    if not report["ok_sent_equals_answered"]:
+        sys.exit(1)
+
+
 @main.group()
 def cache() -> None:
     """Inspect, purge and warm the embedding cache."""
