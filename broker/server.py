@@ -103,7 +103,10 @@ class Broker:
         """Bind the client, engine and stats sockets; endpoints come from the config."""
         self.frontend.bind(self.cfg.frontend)
         self.backend.bind(self.cfg.backend)
-        self.stats.publisher.bind()
+        auth = self.auth
+        # With CURVE on, the stats socket admits the frontend's clients only.
+        self.stats.publisher.bind(None if auth is None else
+                                  lambda sock: auth.arm(sock, FRONTEND_DOMAIN))
         log.info("broker %s: clients on %s, engines on %s, lanes %s, cache %s, stats on %s",
                  __version__, self.cfg.frontend, self.cfg.backend, ",".join(self.cfg.lanes),
                  self.cache.name, self.cfg.stats_endpoint if self.stats.publisher.sock else "-")

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -56,13 +57,16 @@ class StatsPublisher:
         self.published = 0
         self.dropped = 0
 
-    def bind(self) -> None:
+    def bind(self, arm: Callable[[zmq.Socket[Any]], None] | None = None) -> None:
+        """Bind the PUB socket; ``arm`` secures it first (CURVE) when the broker is secured."""
         if not self.endpoint:
             return
         sock = self.ctx.socket(zmq.PUB)
         sock.setsockopt(zmq.SNDHWM, PUB_HWM)
         sock.setsockopt(zmq.SNDBUF, PUB_SNDBUF)
         sock.setsockopt(zmq.LINGER, 0)
+        if arm is not None:
+            arm(sock)
         try:
             sock.bind(self.endpoint)
         except zmq.ZMQError as exc:

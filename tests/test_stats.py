@@ -325,3 +325,29 @@ def test_health_fails_while_the_broker_loop_is_stuck(stack_factory: Callable[[],
         broker.signal(signal.SIGCONT)
     assert stuck.returncode == 1 and stuck.stderr.startswith("health: ")
     assert probe("health", stack, "--timeout-s", "5").returncode == 0
+
+
+def test_stats_socket_takes_curve_keys_when_the_broker_does(stack_factory: Callable[[], Stack],
+                                                            tmp_path: Path) -> None:
+    from zembed.security import keygen
+
+    broker_key, broker_secret = keygen(tmp_path, "broker")
+    client_key, client_secret = keygen(tmp_path, "client")
+    for role in ("clients", "engines"):
+        (tmp_path / role).mkdir()
+        (tmp_path / role / "client.key").write_bytes(client_key.read_bytes())
+    stack = stack_factory()
+    stack.start_broker("--stats-interval-s", INTERVAL, "--curve-secret-key", str(broker_secret),
+                       "--curve-clients-dir", str(tmp_path / "clients"),
+                       "--curve-engines-dir", str(tmp_path / "engines"))
+    keys = ["--curve-secret-key", str(client_secret), "--curve-server-key", str(broker_key)]
+    out = subprocess.run([*ZEMBED, "stats", "--once", "--json", "--stats-endpoint", stack.stats,
+                          "--timeout-s", "20", *keys], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["broker"]["stats_socket"]["bound"] is True
+    stranger = Subscriber(stack.stats, zmq.Context.instance())  # no key: no handshake, no data
+    try:
+        assert stranger.next(timeout_s=1.5) is None
+    finally:
+        stranger.close()

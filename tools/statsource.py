@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import msgpack
 import zmq
 
+from zembed.security import arm_client
+
 
 class SnapshotSource(Protocol):
     """Something that yields broker snapshots."""
@@ -31,15 +33,18 @@ class Subscriber:
     """SUB socket on the broker's stats endpoint, keeping only the newest snapshot.
 
     ``CONFLATE`` makes a reader that fell behind (a slow terminal, a paused process) skip to
-    the latest snapshot instead of replaying old ones.
+    the latest snapshot instead of replaying old ones. With a broker that uses CURVE, give
+    this client's secret key file and the broker's public key file (docs/security.md).
     """
 
-    def __init__(self, endpoint: str, ctx: zmq.Context[Any] | None = None) -> None:
+    def __init__(self, endpoint: str, ctx: zmq.Context[Any] | None = None, *,
+                 curve_secret_key: str = "", curve_server_key: str = "") -> None:
         self.where = endpoint
         self.sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.SUB)
         self.sock.setsockopt(zmq.CONFLATE, 1)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        arm_client(self.sock, curve_secret_key, curve_server_key)
         self.sock.connect(endpoint)
 
     def next(self, timeout_s: float) -> dict[str, Any] | None:
@@ -62,12 +67,14 @@ class Subscriber:
 class OpPoller:
     """Asks the broker's frontend for a snapshot (the ``stats`` op) once per interval."""
 
-    def __init__(self, endpoint: str, interval_s: float = 1.0) -> None:
+    def __init__(self, endpoint: str, interval_s: float = 1.0, *, curve_secret_key: str = "",
+                 curve_server_key: str = "") -> None:
         from zembed.client import Client
 
         self.where = endpoint
         self.interval_s = interval_s
-        self.client = Client(endpoint)
+        self.client = Client(endpoint, curve_secret_key=curve_secret_key,
+                             curve_server_key=curve_server_key)
         self._next = time.monotonic()
 
     def next(self, timeout_s: float) -> dict[str, Any] | None:
@@ -88,6 +95,11 @@ class OpPoller:
         self.client.close()
 
 
-def open_source(stats_endpoint: str, frontend: str, *, poll: bool) -> SnapshotSource:
+def open_source(stats_endpoint: str, frontend: str, *, poll: bool, curve_secret_key: str = "",
+                curve_server_key: str = "") -> SnapshotSource:
     """The stats socket, or the frontend's ``stats`` op when ``poll``."""
-    return OpPoller(frontend) if poll else Subscriber(stats_endpoint)
+    if poll:
+        return OpPoller(frontend, curve_secret_key=curve_secret_key,
+                        curve_server_key=curve_server_key)
+    return Subscriber(stats_endpoint, curve_secret_key=curve_secret_key,
+                      curve_server_key=curve_server_key)

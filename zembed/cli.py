@@ -250,7 +250,9 @@ def _stats_source(config_file: str | None, flags: dict[str, Any], poll: bool) ->
     from zembed.tools.statsource import open_source
 
     cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
-    return cfg, open_source(cfg.stats_endpoint, cfg.endpoint, poll=poll)
+    return cfg, open_source(cfg.stats_endpoint, cfg.endpoint, poll=poll,
+                            curve_secret_key=cfg.curve_secret_key,
+                            curve_server_key=cfg.curve_server_key)
 
 
 def _export(config_file: str | None, flags: dict[str, Any], poll: bool, port: int,
