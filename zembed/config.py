@@ -111,7 +111,7 @@ class BrokerConfig:
     )
     stats_interval_s: float = _opt(1.0, "Period of the stats snapshots on the PUB socket, s.")
     loop_stall_s: float = _opt(
-        5.0, "A loop turn longer than this is logged with the loop's stack (watchdog), s."
+        5.0, "A loop turn longer than this is logged with the loop's stack (watchdog); 0 = off, s."
     )
     log_level: str = _shared_opt("log_level")
 
