@@ -44,6 +44,11 @@ class Engine:
     items_done: int = 0
     batches: int = 0  # the engine's own counters since its process started (REPLY headers)
     batch_items: int = 0
+    # Liveness for this engine: it and the broker may run different heartbeat intervals, so we
+    # heartbeat it at the shorter one and give it up only after `liveness` of the longer one.
+    heartbeat_s: float = p.HEARTBEAT_INTERVAL_MS / 1000
+    expiry_s: float = p.HEARTBEAT_INTERVAL_MS / 1000 * p.HEARTBEAT_LIVENESS
+    live_s: float = p.HEARTBEAT_INTERVAL_MS / 1000 * 2
 
     def __post_init__(self) -> None:
         self.credits_free = self.credits_total
@@ -122,8 +127,7 @@ class BrokerState:
     ) -> None:
         self.lanes = lanes
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.expiry_s = heartbeat_interval_s * liveness
-        self.live_s = heartbeat_interval_s * min(LIVE_INTERVALS, liveness)
+        self.liveness = liveness
         self.engines: dict[bytes, Engine] = {}
         self.by_lane: dict[str, list[Engine]] = {lane: [] for lane in lanes}
         self.inflight: dict[int, Inflight] = {}
@@ -162,7 +166,14 @@ class BrokerState:
             fingerprints = {kind: fingerprint for kind in kinds}
         info = {k: v for k, v in ready.items() if isinstance(k, str)}
         engine = Engine(identity, lane, kinds, fingerprint, dim, credits, max_batch, info,
-                        expires_at=now + self.expiry_s, last_sent=now)
+                        expires_at=now, last_sent=now)
+        theirs = ready.get("heartbeat_ms")
+        theirs_s = theirs / 1000 if isinstance(theirs, int) and 0 < theirs <= 600_000 else 0.0
+        slower = max(self.heartbeat_interval_s, theirs_s)
+        engine.heartbeat_s = min(self.heartbeat_interval_s, theirs_s or self.heartbeat_interval_s)
+        engine.expiry_s = slower * self.liveness
+        engine.live_s = slower * min(LIVE_INTERVALS, self.liveness)
+        engine.expires_at = now + engine.expiry_s
         self.engines[identity] = engine
         peers.append(engine)
         self.stats[lane].engines_registered += 1
@@ -173,7 +184,7 @@ class BrokerState:
         """Record that an engine spoke (any message is a heartbeat); None if unknown."""
         engine = self.engines.get(identity)
         if engine is not None:
-            engine.expires_at = now + self.expiry_s
+            engine.expires_at = now + engine.expiry_s
         return engine
 
     def remove(self, identity: bytes) -> list[Inflight]:
@@ -191,7 +202,7 @@ class BrokerState:
 
     def heartbeat_due(self, now: float) -> list[Engine]:
         """Engines that heard nothing from us for one interval; marks them as sent to."""
-        due = [e for e in self.engines.values() if now - e.last_sent >= self.heartbeat_interval_s]
+        due = [e for e in self.engines.values() if now - e.last_sent >= e.heartbeat_s]
         for engine in due:
             engine.last_sent = now
         return due
@@ -266,16 +277,16 @@ class BrokerState:
         """Seconds until a heartbeat or an engine expiry is due, >= 0."""
         due = now + self.heartbeat_interval_s
         for engine in self.engines.values():
-            due = min(due, engine.expires_at, engine.last_sent + self.heartbeat_interval_s)
+            due = min(due, engine.expires_at, engine.last_sent + engine.heartbeat_s)
         return max(0.0, due - now)
 
     def heard_age(self, engine: Engine, now: float) -> float:
         """Seconds since ``engine`` last sent anything (any message is a heartbeat)."""
-        return now - (engine.expires_at - self.expiry_s)
+        return now - (engine.expires_at - engine.expiry_s)
 
     def is_live(self, engine: Engine, now: float) -> bool:
         """Registered (so warmed up) and has not missed its last heartbeat."""
-        return self.heard_age(engine, now) < self.live_s
+        return self.heard_age(engine, now) < engine.live_s
 
     def missing_lanes(self, now: float) -> list[str]:
         """Configured lanes without a live engine (engines register only after warm-up)."""

@@ -186,6 +186,7 @@ class EngineRuntime:
             "kinds": kinds, "fingerprint": self.model.fingerprint(kinds[0]),
             "fingerprints": {k: self.model.fingerprint(k) for k in kinds},
             "dim": self.model.dim, "credits": self.s.credits, "max_batch": self.s.max_batch,
+            "heartbeat_ms": self.s.heartbeat_interval_ms,
             "pid": os.getpid(), **self.model.describe(), **self.ready_extra,
         }
 

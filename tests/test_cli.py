@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from conftest import Stack, free_port
 
 from zembed.client import Client
+from zembed.errors import ZembedError
 
 ZEMBED = [sys.executable, "-m", "zembed"]
 
@@ -39,13 +41,22 @@ def test_up_demo_runs_and_exits(config_file: Path) -> None:
 
 
 def test_up_stops_everything_on_ctrl_c(config_file: Path) -> None:
+    # Its own session, so cleanup can kill the supervisor and its children together.
     up = subprocess.Popen([*ZEMBED, "up", "--config", str(config_file)],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
     try:
         endpoint = f"tcp://127.0.0.1:{config_file.read_text().split(':')[2].split(chr(34))[0]}"
         deadline = time.monotonic() + 120
+
+        def ready(c: Client) -> bool:
+            try:
+                return bool(c.ready(timeout=1).get("ready"))
+            except ZembedError:  # the broker is not listening yet
+                return False
+
         with Client(endpoint, timeout=1) as c:
-            while not c.ready(timeout=1).get("ready"):
+            while not ready(c):
                 assert time.monotonic() < deadline and up.poll() is None
                 time.sleep(0.1)
             assert c.embed_texts(["up and serving"]).shape == (1, 384)
@@ -57,8 +68,8 @@ def test_up_stops_everything_on_ctrl_c(config_file: Path) -> None:
             c.ping()
     finally:
         if up.poll() is None:
-            up.kill()
-            up.communicate()
+            os.killpg(up.pid, signal.SIGKILL)
+            up.communicate(timeout=30)
 
 
 def test_embed_text_json(shared_stack: Stack) -> None:

@@ -77,37 +77,48 @@ def _rss_kib(pid: int) -> int:
 
 def test_vanished_clients_leak_nothing(stack_factory: Callable[[], Stack],
                                        zctx: zmq.Context[Any]) -> None:
-    """Clients that send and disappear: replies dropped, in-flight table and memory back to base."""
+    """Clients gone mid-request: replies dropped, in-flight table and memory back to base."""
     stack = stack_factory()
-    broker = stack.start_broker()
-    stack.start_text()
+    broker = stack.start_broker("--heartbeat-interval-ms", "1000")
+    engine = stack.start_text("--heartbeat-interval-ms", "1000")  # 64 credits
     stack.wait_engines("text", 1)
 
-    def vanish(rounds: int) -> None:
-        for r in range(rounds):
-            sock = zctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 2000)  # the requests still leave; the socket is gone
-            sock.connect(stack.frontend)
-            for i in range(4):
-                header = {"op": "embed", "id": i + 1, "lane": "text", "n": 2}
-                sock.send_multipart([p.CLIENT_PROTO, msgpack.packb(header),
-                                     msgpack.packb([f"gone {r} {i}", f"away {r} {i}"])])
-            sock.close()  # before any answer
-
     with stack.client(timeout=10) as c:
-        def settled() -> bool:
-            s = c.stats()
-            return s["in_flight"] == 0 and s["lanes"]["text"]["credits_free"] == 64
+        def lane() -> dict[str, Any]:
+            return dict(c.stats()["lanes"]["text"])
 
-        vanish(20)  # warm the allocator, socket buffers and counters first
-        wait_until(settled, 60)
+        def vanish_mid_request(clients: int) -> None:
+            """Each client sends one 2-item request while the engine is frozen, then leaves."""
+            engine.signal(signal.SIGSTOP)
+            try:
+                socks = []
+                for i in range(clients):
+                    sock = zctx.socket(zmq.DEALER)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.connect(stack.frontend)
+                    header = {"op": "embed", "id": i + 1, "lane": "text", "n": 2}
+                    sock.send_multipart([p.CLIENT_PROTO, msgpack.packb(header),
+                                         msgpack.packb([f"gone {i} {time.monotonic()}",
+                                                        f"away {i}"])])
+                    socks.append(sock)
+                # All of them are in flight at the engine (the broker spent their credits)...
+                wait_until(lambda: lane()["credits_free"] == 64 - 2 * clients, 30)
+                for sock in socks:  # ...when their clients disappear.
+                    sock.close()
+            finally:
+                engine.signal(signal.SIGCONT)
+            wait_until(lambda: c.stats()["in_flight"] == 0 and lane()["credits_free"] == 64, 60)
+
+        vanish_mid_request(30)  # warm the allocator, socket buffers and counters first
         base = _rss_kib(broker.popen.pid)
-        def answered() -> int:  # 200s, and 429s when the vanishing clients outran the credits
-            return sum(c.stats()["lanes"]["text"]["requests"].values())
-
-        before = answered()
-        vanish(100)
-        wait_until(lambda: answered() - before == 400 and settled(), 120)  # all answered, then
-        after = _rss_kib(broker.popen.pid)  # dropped at the ROUTER: nobody to take them
+        gone_before = c.stats()["counters"]["client_gone"]
+        ok_before = lane()["requests"]["200"]
+        for _ in range(5):
+            vanish_mid_request(30)
+        stats = c.stats()
+        assert lane()["requests"]["200"] - ok_before == 150  # computed and answered...
+        assert stats["counters"]["client_gone"] - gone_before == 150  # ...into the void
+        assert stats["in_flight"] == 0
+        after = _rss_kib(broker.popen.pid)
         assert after < base * 1.10 + 2048, (base, after)
         assert c.embed_texts(["still serving"]).shape == (1, 384)

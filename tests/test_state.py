@@ -121,3 +121,17 @@ def test_snapshot_counts(state: BrokerState) -> None:
     assert lane["requests"]["200"] == 1 and lane["items"]["200"] == 3
     assert lane["requests"]["429"] == 1 and lane["credits_free"] == 4
     assert state.missing_lanes(0.1) == ["image"]
+
+
+def test_engine_and_broker_heartbeat_intervals_may_differ() -> None:
+    """Heartbeat at the shorter interval; dead only after `liveness` of the longer one."""
+    state = BrokerState(("text",), heartbeat_interval_s=0.2, liveness=3)
+    slow = state.register(b"slow", {**ready(), "heartbeat_ms": 1000}, 0.0)
+    fast = state.register(b"fast", {**ready(), "heartbeat_ms": 100}, 0.0)
+    legacy = state.register(b"old", ready(), 0.0)  # no heartbeat_ms: the broker's own
+    assert (slow.heartbeat_s, slow.expiry_s) == (0.2, 3.0)
+    assert (fast.heartbeat_s, fast.expiry_s) == (0.1, pytest.approx(0.6))
+    assert (legacy.heartbeat_s, legacy.expiry_s) == (0.2, pytest.approx(0.6))
+    assert state.dead_engines(1.0) == [b"fast", b"old"]  # the 1 s engine is not dead at 1 s
+    assert state.dead_engines(3.0) == [b"slow", b"fast", b"old"]
+    assert {e.identity for e in state.heartbeat_due(0.15)} == {b"fast"}
