@@ -1,6 +1,6 @@
 """Property-based hostile input (5 x 100 generated cases): random and mutated frames at the
-broker's frontend and backend, random items at the engines. No crash, no hang, a documented status for every well-framed request,
-and a valid request right after still succeeds.
+broker's frontend and backend, random items at the engines. No crash, no hang, a documented
+status for every well-framed request, and a valid request right after still succeeds.
 
 Hypothesis generates the cases (``max_examples`` below, derandomised so CI is reproducible);
 every receive has a timeout, so a hang fails the test instead of wedging the suite.
