@@ -9,7 +9,7 @@ SECONDS_PER_RUN=${1:-10}
 export HF_HUB_OFFLINE=1
 Z=.venv/bin/zembed
 port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-FE=$(port); BE=$(port)
+FE=$(port); BE=$(port); ST=$(port)
 CFG=$(mktemp --suffix .toml)
 cat > "$CFG" <<TOML
 [broker]
@@ -17,6 +17,7 @@ frontend = "tcp://127.0.0.1:$FE"
 backend = "tcp://127.0.0.1:$BE"
 lanes = ["text", "image"]
 cache_prefix = "zembed-suite-$FE"
+stats_endpoint = "tcp://127.0.0.1:$ST"
 [text]
 broker = "tcp://127.0.0.1:$BE"
 [image]
@@ -24,22 +25,30 @@ broker = "tcp://127.0.0.1:$BE"
 random_weights = true
 [client]
 endpoint = "tcp://127.0.0.1:$FE"
+stats_endpoint = "tcp://127.0.0.1:$ST"
 TOML
 $Z up --config "$CFG" > /tmp/zembed-suite-up.log 2>&1 &
 UP=$!
-trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -f "$CFG"' EXIT
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -f "$CFG" "${LAST:-}"' EXIT
 for _ in $(seq 600); do $Z ready --config "$CFG" >/dev/null 2>&1 && break; sleep 0.2; done
 BROKER_PID=$(pgrep -f "zembed start broker --config $CFG" | head -1)
 rss() { ps -o rss= -p "$BROKER_PID" | tr -d ' '; }
-run() { echo; echo "== zembed bench $*"; $Z bench --config "$CFG" --duration-s "$SECONDS_PER_RUN" "$@" 2>/dev/null; }
+LAST=$(mktemp)
+run() {  # prints the report; the JSON of the last run stays in $LAST
+  echo; echo "== zembed bench $*"
+  $Z bench --config "$CFG" --duration-s "$SECONDS_PER_RUN" --json "$@" 2>/dev/null > "$LAST"
+  .venv/bin/python -c 'import json, sys; from zembed.tools.bench import render; print(render(json.load(open(sys.argv[1]))))' "$LAST"
+}
 
 run --kind text --items 32 --concurrency 2 --raw
 run --kind text --items 1 --concurrency 64 --raw
-run --kind text --items 1 --concurrency 64 --repeat 1.0 --duration-s 3 >/dev/null  # fill the cache
+CAPACITY=$(.venv/bin/python -c 'import json, sys; print(json.load(open(sys.argv[1]))["served"]["requests_per_s"])' "$LAST")
+run --kind text --items 1 --concurrency 64 --repeat 1.0 --requests 3000 --duration-s 60 >/dev/null  # fill the cache (the repeat pool is the same every run)
 run --kind text --items 1 --concurrency 64 --repeat 1.0 --raw
 run --kind image --items 4 --concurrency 4 --raw
-echo; echo "== 2x overload: open loop at about twice the text lane's 1-item capacity"
-run --kind text --items 1 --rate 1000
+OVERLOAD=$(.venv/bin/python -c "print(max(10, round(2 * $CAPACITY)))")
+echo; echo "== 2x overload: open loop at $OVERLOAD req/s, twice the text lane's measured 1-item capacity ($CAPACITY req/s)"
+run --kind text --items 1 --rate "$OVERLOAD"
 echo; echo "== rejection soak: 1-item requests at ${SOAK_RATE:-8000}/s (far beyond capacity), broker RSS sampled every 5 s"
 SAMPLES=$(mktemp)
 ( while kill -0 "$BROKER_PID" 2>/dev/null; do echo "$(date +%s) $(rss)" >> "$SAMPLES"; sleep 5; done ) &
