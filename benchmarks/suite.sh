@@ -49,11 +49,11 @@ run --kind image --items 4 --concurrency 4 --raw
 OVERLOAD=$(.venv/bin/python -c "print(max(10, round(2 * $CAPACITY)))")
 echo; echo "== 2x overload: open loop at $OVERLOAD req/s, twice the text lane's measured 1-item capacity ($CAPACITY req/s)"
 run --kind text --items 1 --rate "$OVERLOAD"
-echo; echo "== rejection soak: 1-item requests at ${SOAK_RATE:-8000}/s (far beyond capacity), broker RSS sampled every 5 s"
+echo; echo "== rejection soak: 1-item requests at ${SOAK_RATE:-3000}/s (70x the lane's capacity, below the broker's own limit for saying no), broker RSS sampled every 5 s"
 SAMPLES=$(mktemp)
 ( while kill -0 "$BROKER_PID" 2>/dev/null; do echo "$(date +%s) $(rss)" >> "$SAMPLES"; sleep 5; done ) &
 SAMPLER=$!
-$Z bench --config "$CFG" --kind text --items 1 --rate "${SOAK_RATE:-8000}" \
+$Z bench --config "$CFG" --kind text --items 1 --rate "${SOAK_RATE:-3000}" \
   --requests "${SOAK_REQUESTS:-1000000}" --duration-s 900 2>/dev/null | grep -E "sent|time to 429"
 kill "$SAMPLER" 2>/dev/null || true
 echo "broker RSS samples (KiB), every 5 s:"; awk '{print $2}' "$SAMPLES" | tr '\n' ' '; echo

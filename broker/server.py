@@ -65,7 +65,8 @@ class Broker:
         self.lane_kinds = {lane: p.LANE_KINDS.get(lane, frozenset({lane})) for lane in cfg.lanes}
         self.state = BrokerState(cfg.lanes, heartbeat_interval_s=cfg.heartbeat_interval_ms / 1000,
                                  liveness=cfg.heartbeat_liveness)
-        self.frontend = self._router(max_message_bytes=cfg.max_message_bytes)
+        self.frontend = self._router(max_message_bytes=cfg.max_message_bytes,
+                                     rcvhwm=cfg.max_queued_per_client)
         self.backend = self._router(max_message_bytes=-1)
         self.auth: BrokerAuth | None = None
         if cfg.curve_secret_key:  # before bind: only allowed keys ever complete a handshake
@@ -89,14 +90,19 @@ class Broker:
         self._batch: list[ClientRequest] = []
         self._running = False
 
-    def _router(self, *, max_message_bytes: int) -> zmq.Socket[Any]:
+    def _router(self, *, max_message_bytes: int, rcvhwm: int = 100_000) -> zmq.Socket[Any]:
+        """A ROUTER with the broker's options.
+
+        ``rcvhwm`` bounds the messages queued per peer before libzmq stops reading from that
+        peer's connection: a client flooding faster than the broker can even say no is pushed
+        back by TCP instead of growing the broker's memory. Engines are bounded by credits.
+        """
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        # Credits bound what we queue per engine; clients are bounded by their own pipelining.
         sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
         return sock
 
     def bind(self) -> None:

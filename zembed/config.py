@@ -83,6 +83,10 @@ class BrokerConfig:
     max_message_bytes: int = _opt(
         80 << 20, "ZMQ_MAXMSGSIZE on the frontend: a bigger frame disconnects its sender, bytes."
     )
+    max_queued_per_client: int = _opt(
+        10_000, "Requests queued in ZeroMQ per client connection before the broker stops "
+        "reading it (TCP backpressure; bounds memory under floods)."
+    )
     default_deadline_ms: int = _opt(
         p.DEFAULT_DEADLINE_MS, "Deadline for requests that carry none, ms."
     )
