@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The throughput suite: brings zembed up (text + ViT-B-32 with random weights, Redis cache),
 # runs `zembed bench --raw` for each target of the throughput issue, and prints every figure
-# beside its raw limit measured in the same run. ~4 minutes on the 2-core machine.
+# beside its raw limit measured in the same run. ~10 minutes on the 2-core machine.
 # Usage: benchmarks/suite.sh [seconds-per-run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
