@@ -122,3 +122,32 @@ def test_vanished_clients_leak_nothing(stack_factory: Callable[[], Stack],
         after = _rss_kib(broker.popen.pid)
         assert after < base * 1.10 + 2048, (base, after)
         assert c.embed_texts(["still serving"]).shape == (1, 384)
+
+
+def test_redis_killed_and_restarted_under_load_fails_no_request(
+    stack_factory: Callable[[], Stack], redis_server: Any,
+) -> None:
+    """Half the load is repeats (cache hits); Redis dies and returns mid-run; nothing fails."""
+    import threading
+
+    from zembed.tools.bench import Bench, BenchSpec
+
+    stack = stack_factory()
+    stack.start_broker("--cache", redis_server.url, "--heartbeat-interval-ms", "1000")
+    stack.start_text("--heartbeat-interval-ms", "1000")
+    stack.wait_engines("text", 1)
+    bench = Bench(stack.frontend, BenchSpec(items=1, concurrency=8, duration_s=12, repeat=0.5,
+                                            timeout_s=20), progress=False)
+    runner = threading.Thread(target=bench.run)
+    runner.start()
+    time.sleep(3)
+    redis_server.kill()
+    time.sleep(3)
+    redis_server.start()
+    runner.join(60)
+    assert not runner.is_alive()
+    s = bench.report.summary()
+    assert s["sent"] == s["answered"] == s["ok"] > 0, s  # no 429, no 5xx, no lost request
+    assert s["cache_hit_ratio"] > 0  # the cache was really in play
+    with stack.client() as c:
+        assert c.stats()["cache"]["errors"] > 0  # and really went away for a while
