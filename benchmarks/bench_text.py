@@ -17,7 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from zembed.client import Client
 from zembed.config import TextEngineConfig
 from zembed.errors import Overloaded
+from zembed.tools.net import free_port
 
 WORDS = (
     "red", "blue", "light", "trail", "running", "shoes", "women", "men", "size", "cotton",
@@ -45,12 +45,6 @@ def sentences(n: int, seed: int = 7) -> list[str]:
     """Unique realistic-length inputs (~12 words), so nothing is repeated."""
     rng = random.Random(seed)
     return [" ".join(rng.choices(WORDS, k=rng.randint(8, 16))) + f" #{i}" for i in range(n)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:

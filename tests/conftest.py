@@ -22,6 +22,7 @@ import pytest
 import zmq
 
 from zembed.client import Client
+from zembed.tools.net import free_port
 
 # Tests never reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -40,13 +41,6 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     pytest.fail(f"condition not met within {timeout}s")
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -190,6 +184,16 @@ def zctx() -> Iterator[zmq.Context[Any]]:
     ctx: zmq.Context[Any] = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def raw(shared_stack: Stack, zctx: zmq.Context[Any]) -> Iterator[zmq.Socket[Any]]:
+    """A bare DEALER on the shared stack's frontend, for hand-made (or hostile) frames."""
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(shared_stack.frontend)
+    yield sock
+    sock.close()
 
 
 def recv(sock: zmq.Socket[Any], timeout: float = 5.0) -> list[bytes]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import Stack, recv
+from conftest import recv
 
 from zembed import protocol as p
 from zembed.client import Client
@@ -57,15 +56,6 @@ CASES: list[tuple[str, list[bytes], int]] = [
     ("too many items", [P, hdr(n=100_000), msgpack.packb(["a"] * 100_000)], 413),
     ("item too long", [P, hdr(), msgpack.packb(["x" * 70_000])], 413),
 ]
-
-
-@pytest.fixture
-def raw(shared_stack: Stack, zctx: zmq.Context[Any]) -> Iterator[zmq.Socket[Any]]:
-    sock = zctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(shared_stack.frontend)
-    yield sock
-    sock.close()
 
 
 @pytest.mark.parametrize(("frames", "status"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])

@@ -16,7 +16,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from conftest import Stack, recv, tiny_args
+from conftest import Stack, new_stack, recv, tiny_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,15 +77,6 @@ def mutated(draw: st.DrawFn) -> list[bytes]:
             data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
     frames[which] = bytes(data)
     return frames
-
-
-@pytest.fixture
-def raw(shared_stack: Stack, zctx: zmq.Context[Any]) -> Iterator[zmq.Socket[Any]]:
-    sock = zctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(shared_stack.frontend)
-    yield sock
-    sock.close()
 
 
 def drain(sock: zmq.Socket[Any], wait_ms: int = 20) -> list[list[bytes]]:
@@ -158,8 +149,6 @@ def test_backend_garbage_is_ignored(shared_stack: Stack, zctx: zmq.Context[Any],
 
 @pytest.fixture(scope="module")
 def image_stack(tiny: tuple[Path, Path]) -> Iterator[Stack]:
-    from conftest import new_stack
-
     stack = new_stack()
     try:
         stack.start_broker("--lanes", "text,image")

@@ -128,7 +128,6 @@ class Bench:
         self._outstanding: dict[int, float] = {}  # request id -> perf_counter() when sent
         self._given_up: set[int] = set()  # ids counted as no answer (a later reply is late)
         self._parked: list[float] = []  # closed loop: slots backing off after a 429, until when
-        self._rid = 0
 
     def run(self) -> BenchReport:
         """Run to completion (bounded by duration and request count)."""
@@ -161,13 +160,13 @@ class Bench:
                 while sending and next_at <= now:
                     next_at += interval
                     if len(self._outstanding) < OPEN_LOOP_MAX_IN_FLIGHT:
-                        self._send(sock, now)
+                        self._send(sock)
                     sending = report.sent < spec.requests
             else:
                 while self._parked and self._parked[0] <= now:
                     heapq.heappop(self._parked)
                 while sending and len(self._outstanding) + len(self._parked) < slots:
-                    self._send(sock, now)
+                    self._send(sock)
                     sending = report.sent < spec.requests
             if not sending and not self._outstanding:
                 break
@@ -176,7 +175,7 @@ class Bench:
                 wait = next_at - now
             elif sending and self._parked:
                 wait = self._parked[0] - now
-            if sock.poll(max(0, math.ceil(wait * 1000)) if wait > 0 else 0):
+            if sock.poll(math.ceil(wait * 1000) if wait > 0 else 0):
                 self._drain(sock)
             now = time.perf_counter()
             self._expire(now)
@@ -185,16 +184,16 @@ class Bench:
                 self._tick(now - t0)
         report.elapsed_s = time.perf_counter() - t0
 
-    def _send(self, sock: zmq.Socket[Any], now: float) -> None:
+    def _send(self, sock: zmq.Socket[Any]) -> None:
         spec = self.spec
         kind = spec.kinds[self.report.sent % len(spec.kinds)]
         items = self.sources[kind].take(spec.items)
-        self._rid += 1
-        sock.send_multipart(embed_frames(self._rid, KIND_LANE[kind], kind, items,
+        rid = self.report.sent + 1  # request ids are 1, 2, 3... in send order
+        sock.send_multipart(embed_frames(rid, KIND_LANE[kind], kind, items,
                                          normalize=spec.normalize, dtype=p.DTYPE_BF16,
                                          timeout_s=spec.timeout_s, input_type=None))
-        self._outstanding[self._rid] = time.perf_counter()
-        self.report.sent += 1
+        self._outstanding[rid] = time.perf_counter()
+        self.report.sent = rid
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         report = self.report

@@ -12,7 +12,6 @@ swing from run to run while ratios measured together do not.
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from zembed import config as cfgmod
 from zembed import protocol as p
 from zembed.messages import reply_header
 from zembed.tools.inputs import InputSource
+from zembed.tools.net import loopback_endpoint
 
 
 def _rate(fn: Any, per_call: int, seconds: float) -> float:
@@ -85,9 +85,7 @@ def zmq_round_trip(kind: str, items: int, in_flight: int, seconds: float,
     """
     from zembed.tools.bench import Bench, BenchSpec
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = loopback_endpoint()
     proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(endpoint, dim),
                                                         daemon=True)
     proc.start()

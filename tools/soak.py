@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 from zembed import protocol as p
 from zembed.client import Client
 from zembed.tools.bench import Bench, BenchSpec
+from zembed.tools.net import free_port, loopback_endpoint
 
 
 @dataclass
@@ -59,12 +59,6 @@ class SoakSpec:
     timeout_s: float = 10.0
     repeat: float = 0.5
     workdir: str = ""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Child:
@@ -100,9 +94,9 @@ class Soak:
         self.spec = spec
         self.progress = progress
         self.dir = Path(spec.workdir or tempfile.mkdtemp(prefix="zembed-soak-"))
-        self.frontend = f"tcp://127.0.0.1:{_port()}"
-        backend = f"tcp://127.0.0.1:{_port()}"
-        redis_port = _port()
+        self.frontend = loopback_endpoint()
+        backend = loopback_endpoint()
+        redis_port = free_port()
         z = [sys.executable, "-m", "zembed", "start"]
         hb = ["--heartbeat-interval-ms", str(spec.heartbeat_ms)]
         self.redis = _Child("redis", [

@@ -88,16 +88,11 @@ class ServerCurve:
     clients_dir: str
     engines_dir: str
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.secret_key_file)
-
 
 class BrokerAuth:
     """Runs the ZAP authenticator for the broker's context and arms its ROUTER sockets."""
 
     def __init__(self, ctx: zmq.Context[Any], curve: ServerCurve) -> None:
-        self.curve = curve
         self.public, self.secret = load_secret(curve.secret_key_file)
         for label, folder in (("clients", curve.clients_dir), ("engines", curve.engines_dir)):
             if not folder:
@@ -115,11 +110,6 @@ class BrokerAuth:
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
-
-    def reload(self) -> None:
-        """Re-read the allowed-keys directories (keys added or revoked)."""
-        self.auth.configure_curve(domain=FRONTEND_DOMAIN, location=self.curve.clients_dir)
-        self.auth.configure_curve(domain=BACKEND_DOMAIN, location=self.curve.engines_dir)
 
     def stop(self) -> None:
         self.auth.stop()
