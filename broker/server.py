@@ -210,8 +210,7 @@ class Broker:
         lane: str | None = None
         n = 0
         try:
-            if len(frames) < 3 or frames[1].bytes != p.CLIENT_PROTO:
-                raise BadRequest(f"expected frames [{p.CLIENT_PROTO!r}, header, body]")
+            check_client_proto(frames)
             header = unpack_header(frames[2].bytes)
             rid = request_id(header)
             if rid is None:
@@ -219,11 +218,13 @@ class Broker:
             op = header.get("op", p.OP_EMBED)
             if not isinstance(op, str):
                 raise BadRequest("header field 'op' must be a string")
-            if op in p.MANAGEMENT_OPS and len(frames) in (3, 4):
+            if op in p.MANAGEMENT_OPS:
+                check_management_frames(op, frames)
                 self.answer_management(identity, rid, op)
                 return
             if op != p.OP_EMBED:
-                raise BadRequest(f"unknown op {op!r:.40}")
+                raise BadRequest(f"unknown op {op!r:.40}; ops are embed, "
+                                 + ", ".join(sorted(p.MANAGEMENT_OPS)))
             if len(frames) != 4:
                 raise BadRequest(f"an embed request has 3 frames, got {len(frames) - 1}")
             lane, kind, normalize, dtype, deadline_ms, n, input_type = parse_embed_header(
@@ -333,6 +334,30 @@ class Broker:
         for engine in self.state.heartbeat_due(now):
             if not self.send_engine(engine.identity, p.HEARTBEAT):
                 self.engine_lost(engine.identity, "unreachable")
+
+
+def check_client_proto(frames: list[zmq.Frame]) -> None:
+    """BadRequest unless frames start [ZEC1, header]; another ZEC version is named as such."""
+    if len(frames) < 3:
+        raise BadRequest(f"expected frames [{p.CLIENT_PROTO!r}, header, body], "
+                         f"got {len(frames) - 1} frame(s)")
+    proto = frames[1].bytes
+    if proto == p.CLIENT_PROTO:
+        return
+    if len(proto) == 4 and proto[:3] == p.CLIENT_PROTO[:3]:
+        raise BadRequest(f"unsupported protocol version {proto!r}: this broker speaks "
+                         f"{p.CLIENT_PROTO!r} only")
+    raise BadRequest(f"expected frames [{p.CLIENT_PROTO!r}, header, body]; first frame is "
+                     f"{proto[:16]!r}")
+
+
+def check_management_frames(op: str, frames: list[zmq.Frame]) -> None:
+    """A management op is [ZEC1, header] or [ZEC1, header, empty body]; anything else is 400."""
+    if len(frames) > 4:
+        raise BadRequest(f"op {op!r} takes frames [ZEC1, header] or [ZEC1, header, empty body], "
+                         f"got {len(frames) - 1} frames")
+    if len(frames) == 4 and len(frames[3]) != 0:
+        raise BadRequest(f"op {op!r} takes an empty body frame, got {len(frames[3])} bytes")
 
 
 def serve(cfg: BrokerConfig) -> None:

@@ -93,3 +93,31 @@ def test_oversized_frame_disconnects_only_its_sender(
         assert bad.poll(500) == 0  # libzmq drops the connection: no reply by design
         bad.close()
         assert good.ping()["version"]  # everyone else is unaffected
+
+
+ERROR_TEXTS: list[tuple[str, list[bytes], str]] = [
+    ("ping with extra frames", [P, hdr(op="ping"), b"", b"more"],
+     "op 'ping' takes frames [ZEC1, header] or [ZEC1, header, empty body], got 4 frames"),
+    ("ping with a body", [P, hdr(op="health"), BODY], "op 'health' takes an empty body frame"),
+    ("a later protocol version", [b"ZEC2", hdr(), BODY],
+     "unsupported protocol version b'ZEC2': this broker speaks b'ZEC1' only"),
+    ("unknown op", [P, hdr(op="explode"), BODY], "unknown op 'explode'; ops are embed, health"),
+]
+
+
+@pytest.mark.parametrize(("frames", "text"), [c[1:] for c in ERROR_TEXTS],
+                         ids=[c[0] for c in ERROR_TEXTS])
+def test_error_text_names_the_real_problem(
+    raw: zmq.Socket[Any], frames: list[bytes], text: str
+) -> None:
+    raw.send_multipart(frames)
+    header = msgpack.unpackb(recv(raw)[1])
+    assert header["status"] == 400
+    assert header["error"].startswith(text), header["error"]
+
+
+def test_management_op_with_empty_body_or_none_is_answered(raw: zmq.Socket[Any]) -> None:
+    for rid, frames in ((11, [P, hdr(op="ping", id=11)]), (12, [P, hdr(op="ping", id=12), b""])):
+        raw.send_multipart(frames)
+        header = msgpack.unpackb(recv(raw)[1])
+        assert (header["id"], header["status"]) == (rid, 200)

@@ -87,6 +87,14 @@ class BrokerConfig:
         10_000, "Requests queued in ZeroMQ per client connection before the broker stops "
         "reading it (TCP backpressure; bounds memory under floods)."
     )
+    max_replies_queued_per_client: int = _opt(
+        64, "Replies libzmq queues per client connection (SNDHWM); past it the broker holds "
+        "replies in its own byte-bounded backlog, messages."
+    )
+    max_reply_backlog_bytes: int = _opt(
+        16 << 20, "Reply bytes the broker holds for one client that is not reading; past it the "
+        "client is cut off (backlog dropped, further requests refused until it reads), bytes."
+    )
     default_deadline_ms: int = _opt(
         p.DEFAULT_DEADLINE_MS, "Deadline for requests that carry none, ms."
     )
