@@ -6,10 +6,19 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from zembed import protocol as p
 from zembed.errors import BadRequest, TooLarge, UnknownLane, ZembedError
-from zembed.messages import Limits, parse_embed_header, parse_items, unpack_header
+from zembed.messages import (
+    HeaderRefused,
+    Limits,
+    parse_embed_header,
+    parse_items,
+    request_id,
+    unpack_header,
+)
 
 LIMITS = Limits(max_items=8, max_item_bytes=32, max_request_bytes=1024)
 LANES = {"text": p.LANE_KINDS["text"], "image": p.LANE_KINDS["image"]}
@@ -93,3 +102,124 @@ def test_bad_image_items(items: list[Any], error: type[ZembedError]) -> None:
 def test_bad_header_frames(raw: bytes) -> None:
     with pytest.raises(BadRequest):
         unpack_header(raw)
+
+
+# -- a refused header keeps its id, so the client can match the 400 to its request -----------
+
+PAD = "x" * 20_000  # pushes a header over MAX_HEADER_BYTES
+
+
+@pytest.mark.parametrize(("raw", "rid", "text"), [
+    (msgpack.packb({"id": 9, "pad": PAD}), 9, "header is 20012 bytes, at most 16384 allowed"),
+    (msgpack.packb({"pad": PAD, "id": 9}), 9, "header is 20012 bytes"),  # id after the bulk
+    (msgpack.packb({"id": 9, 1: 2}), 9, "header map keys must be msgpack str, found a key of "
+                                        "type int"),
+    (msgpack.packb({(1, 2): 3, "id": 4}), 4, "found a key of type array"),
+    (msgpack.packb({"id": 9, b"op": "ping"}), 9, "found a key of type bin"),
+    (msgpack.packb({"id": 9, "x": {1: 2}}), 9, "a map has a key of type int; maps take str keys"),
+    (msgpack.packb({"id": 9}) + b"\x00", 9, "ExtraData: extra bytes after the first"),
+    (b"\x82\xa2id\x09\xa1a\xa2\xff\xfe", 9, "UnicodeDecodeError: a msgpack str is not valid UTF-8"),
+    (msgpack.packb({"pad": PAD}), None, "header is 20008 bytes"),
+    (msgpack.packb({"id": -5, 1: 1}), None, "found a key of type int"),  # no valid id in it
+    (msgpack.packb({"id": 9, "pad": PAD})[:-10], None, "header is 20002 bytes"),  # cut short
+])
+def test_refused_header_keeps_a_valid_id(raw: bytes, rid: int | None, text: str) -> None:
+    with pytest.raises(HeaderRefused) as info:
+        unpack_header(raw)
+    assert info.value.status == p.BAD_REQUEST
+    assert info.value.rid == rid
+    assert text in info.value.message, info.value.message
+
+
+ids = st.integers(0, 2**64 - 1)
+keys = st.one_of(st.text(max_size=6), st.integers(-(2**63), 2**64 - 1), st.binary(max_size=6))
+junk = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
+                              st.text(max_size=8), st.binary(max_size=8)),
+                    lambda kids: st.lists(kids, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(rid=ids, others=st.dictionaries(keys, junk, max_size=5), pad=st.integers(0, 20_000),
+       trailer=st.binary(max_size=3))
+def test_any_map_with_a_valid_id_is_answered_with_that_id(
+    rid: int, others: dict[Any, Any], pad: int, trailer: bytes
+) -> None:
+    """Whatever else is wrong with a header that is a whole map, its id is never lost."""
+    others = {k: v for k, v in others.items() if k != "id"}
+    raw = msgpack.packb({**others, "pad": "x" * pad, "id": rid}) + trailer
+    try:
+        header = unpack_header(raw)
+    except HeaderRefused as exc:
+        assert exc.rid == rid
+        assert not exc.message.endswith(": "), exc.message
+    else:
+        assert request_id(header) == rid
+
+
+# -- undecodable msgpack is named, never "…: " with nothing after the colon ------------------
+
+@pytest.mark.parametrize(("raw", "text"), [
+    (b"", "header is not valid msgpack: ValueError: truncated data"),
+    (b"\xc1", "header is not valid msgpack: FormatError: malformed data"),
+    (b"\x91" * 5000, "header is not valid msgpack: StackError: nesting too deep"),
+    (b"\x81" + b"\x91" * 5000, "header is not valid msgpack: StackError: nesting too deep"),
+    (b"\x82\xa2id\x01", "header is not valid msgpack: ValueError: truncated data"),
+    (msgpack.packb([1, 2]), "header must be a msgpack map, got array"),
+])
+def test_undecodable_header_names_the_problem(raw: bytes, text: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        unpack_header(raw)
+    assert info.value.message.startswith(text), info.value.message
+
+
+@pytest.mark.parametrize(("body", "text"), [
+    (b"\xc1", "FormatError: malformed data"),
+    (b"\x91" * 5000, "StackError: nesting too deep"),
+    (b"\x92\xa1a", "ValueError: truncated data"),
+    (b"", "ValueError: truncated data"),
+    (msgpack.packb(["a"]) + b"\x00", "ExtraData: extra bytes after the first msgpack object"),
+    (b"\x92\xa1a\xa2\xff\xfe", "UnicodeDecodeError: a msgpack str is not valid UTF-8"),
+    (msgpack.packb({"a": 1}), "it holds a msgpack map; items are str or bin"),
+    (msgpack.packb(["a", [1, 2, 3]]), "it holds an array of 3 entries; n=2"),
+    (b"\xdd\xff\xff\xff\xff", "it holds an array of 4294967295 entries; n=2"),
+    (b"\x92\xa1a\xd4\x01\x00", "it holds a msgpack ext value"),
+])
+def test_undecodable_body_names_the_problem(body: bytes, text: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_items(body, "text", 2, Limits(max_items=8, max_item_bytes=32))
+    assert info.value.message.startswith(f"body is not a msgpack array of n=2 items: {text}"), \
+        info.value.message
+
+
+def test_wrong_item_types_are_named_in_msgpack_terms() -> None:
+    with pytest.raises(BadRequest, match="item 1 must be str, got bin"):
+        parse_items(msgpack.packb(["a", b"b"]), "text", 2, LIMITS)
+    with pytest.raises(BadRequest, match="image item 0 must be bin or str, got array"):
+        parse_items(msgpack.packb([[1]]), "image", 1, LIMITS)
+
+
+# -- nil is "absent" for every optional field; required fields still need a value ------------
+
+OPTIONAL = ["lane", "kind", "normalize", "dtype", "deadline_ms", "input_type"]
+
+
+def test_nil_optional_fields_take_their_defaults() -> None:
+    h = header(**{name: None for name in OPTIONAL})
+    assert parse_embed_header(h, LANES, LIMITS) == (
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None)
+
+
+def test_unpack_header_drops_nil_values() -> None:
+    raw = msgpack.packb({"id": 3, "op": None, "lane": None, "n": 1, "x": None})
+    assert unpack_header(raw) == {"id": 3, "n": 1}
+
+
+@pytest.mark.parametrize("name", ["id", "n"])
+def test_nil_required_fields_are_still_missing(name: str) -> None:
+    h = unpack_header(msgpack.packb(header(**{name: None})))
+    assert name not in h
+    if name == "n":
+        with pytest.raises(BadRequest, match=r"'n' .* is required"):
+            parse_embed_header(h, LANES, LIMITS)
+    else:
+        assert request_id(h) is None

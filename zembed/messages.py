@@ -7,6 +7,7 @@ status is simply ``exc.status``. No sockets here: everything is unit-testable.
 
 from __future__ import annotations
 
+import io
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -37,16 +38,108 @@ def packb(obj: Any) -> bytes:
     return packer.pack(obj)  # type: ignore[no-any-return]
 
 
+class HeaderRefused(BadRequest):
+    """A header refused (400) although it may carry a readable request id.
+
+    ``rid`` is the id found under the string key ``"id"`` of a complete msgpack map (or None),
+    so the broker can answer even an oversized header, or one with a non-string key, with the
+    client's id and the client can match the refusal to its request instead of timing out.
+    """
+
+    def __init__(self, message: str, rid: int | None) -> None:
+        super().__init__(message)
+        self.rid = rid
+
+
+#: msgpack's names for the Python types a decoder yields, for error texts a client can act on.
+_MSGPACK_TYPES = {"NoneType": "nil", "bool": "bool", "int": "int", "float": "float",
+                  "str": "str", "bytes": "bin", "list": "array", "tuple": "array",
+                  "dict": "map", "ExtType": "ext", "Timestamp": "timestamp"}
+
+
+def msgpack_type(value: Any) -> str:
+    """The msgpack type name of a decoded value (``array``, not Python's ``list``)."""
+    name = type(value).__name__
+    return _MSGPACK_TYPES.get(name, name)
+
+
+def describe_msgpack_error(exc: BaseException) -> str:
+    """Name what is wrong with undecodable msgpack: the exception type and a description.
+
+    Some msgpack exceptions (FormatError, StackError) carry no text at all, which would leave an
+    error reply ending in a bare colon; this says what they mean.
+    """
+    name = type(exc).__name__
+    text = str(exc)
+    if isinstance(exc, msgpack.StackError):
+        return f"{name}: nesting too deep"
+    if isinstance(exc, msgpack.FormatError):
+        return f"{name}: malformed data (a byte that starts no msgpack type, such as 0xc1)"
+    if isinstance(exc, msgpack.ExtraData):
+        return f"{name}: extra bytes after the first msgpack object"
+    if "incomplete input" in text or isinstance(exc, msgpack.OutOfData):
+        return f"{name}: truncated data (the input ends inside a msgpack object)"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{name}: a msgpack str is not valid UTF-8 ({exc.reason} at its byte {exc.start})"
+    if "is not allowed for map key" in text:  # a nested map's key (strict_map_key)
+        key_type = _MSGPACK_TYPES.get(text.split()[0], text.split()[0])
+        return f"{name}: a map has a key of type {key_type}; maps take str keys"
+    return f"{name}: {text}" if text else f"{name}: undecodable msgpack"
+
+
+def _scan_map(raw: bytes) -> tuple[int | None, str | None]:
+    """(request id, msgpack type of the first non-str key) of a header that is one whole map.
+
+    Streams through the map without building it (skipping values), so an oversized header costs
+    no more than its bytes, which the broker's max message size already bounds. (None, None)
+    unless ``raw`` starts with a complete msgpack map; the last ``"id"`` wins, as in a decode.
+    """
+    rid: int | None = None
+    bad_key: str | None = None
+    unpacker = msgpack.Unpacker(io.BytesIO(raw), raw=False, strict_map_key=False,
+                                max_buffer_size=max(len(raw), 1))
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if isinstance(key, str) and key == "id":
+                rid = request_id({"id": unpacker.unpack()})
+                continue
+            if not isinstance(key, str) and bad_key is None:
+                bad_key = msgpack_type(key)
+            unpacker.skip()
+    except Exception:  # not a map, or not a complete one: no id to trust
+        return None, None
+    return rid, bad_key
+
+
 def unpack_header(raw: bytes) -> dict[str, Any]:
-    """Decode a header frame into a dict with string keys, or raise BadRequest."""
+    """Decode a header frame into a dict with string keys, or raise BadRequest.
+
+    A key whose value is nil is dropped: nil means "absent" in every header (JavaScript msgpack
+    encoders write ``undefined``/``null`` as nil), so optional fields take their default and a
+    required one is reported missing. A refusal of a header that is a complete map is a
+    :class:`HeaderRefused` carrying the map's id, so even that 400 reaches the right request.
+    """
     if len(raw) > MAX_HEADER_BYTES:
-        raise BadRequest(f"header is {len(raw)} bytes, at most {MAX_HEADER_BYTES} allowed")
+        raise HeaderRefused(f"header is {len(raw)} bytes, at most {MAX_HEADER_BYTES} allowed",
+                            _scan_map(raw)[0])
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise BadRequest(f"header is not valid msgpack: {exc}") from None
+        rid, bad_key = _scan_map(raw)
+        if bad_key is not None:
+            raise HeaderRefused(f"header map keys must be msgpack str, found a key of type "
+                                f"{bad_key}", rid) from None
+        raise HeaderRefused(f"header is not valid msgpack: {describe_msgpack_error(exc)}",
+                            rid) from None
     if not isinstance(header, dict):
-        raise BadRequest(f"header must be a msgpack map, got {type(header).__name__}")
+        raise BadRequest(f"header must be a msgpack map, got {msgpack_type(header)}")
+    for key in header:  # msgpack lets bin keys through strict_map_key; the protocol does not
+        if not isinstance(key, str):
+            raise HeaderRefused(f"header map keys must be msgpack str, found a key of type "
+                                f"{msgpack_type(key)}", request_id(header))
+    if None in header.values():
+        header = {k: v for k, v in header.items() if v is not None}
     return header
 
 
@@ -85,9 +178,12 @@ def request_id(header: dict[str, Any]) -> int | None:
 
 
 def _field(header: dict[str, Any], name: str, typ: type, default: Any) -> Any:
-    value = header.get(name, default)
-    if value is None and default is None:
-        return None
+    """``header[name]`` checked to be ``typ``; absent or nil gives ``default`` (None: absent)."""
+    value = header.get(name)
+    if value is None:
+        value = default
+        if value is None:
+            return None
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
         raise BadRequest(f"header field {name!r} must be {typ.__name__}, got {value!r:.60}")
     return value
@@ -130,17 +226,28 @@ def parse_items(body: bytes | memoryview, kind: str, n: int, limits: Limits) -> 
         raise TooLarge(f"request body is {len(body)} bytes, at most {limits.max_request_bytes}")
     try:
         items = msgpack.unpackb(body, raw=False, max_array_len=n, max_map_len=0, max_ext_len=0)
-    except ValueError as exc:
-        raise BadRequest(f"body is not a msgpack list of {n} items: {exc}") from None
-    except Exception as exc:
-        raise BadRequest(f"body is not valid msgpack: {exc}") from None
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise BadRequest(f"body is not a msgpack array of n={n} items: "
+                         f"{_describe_body_error(exc, n)}") from None
     if not isinstance(items, list) or len(items) != n:
-        got = len(items) if isinstance(items, list) else type(items).__name__
+        got = f"{len(items)} items" if isinstance(items, list) else msgpack_type(items)
         raise BadRequest(f"body must be a msgpack array of n={n} items, got {got}")
     check = _check_text if kind in p.TEXT_KINDS else _check_image
     for i, item in enumerate(items):
         check(i, item, limits)
     return items
+
+
+def _describe_body_error(exc: BaseException, n: int) -> str:
+    """Say which body limit was hit in the client's terms, not in msgpack's option names."""
+    text = str(exc)
+    if "exceeds max_map_len" in text:
+        return "it holds a msgpack map; items are str or bin"
+    if "exceeds max_ext_len" in text:
+        return "it holds a msgpack ext value; items are str or bin"
+    if "exceeds max_array_len" in text:
+        return f"it holds an array of {text.split()[0]} entries; n={n} (items are never arrays)"
+    return describe_msgpack_error(exc)
 
 
 #: Image items may be text only as one of these (the engine decodes or fetches them).
@@ -149,7 +256,7 @@ IMAGE_URI_PREFIXES = ("data:", "http://", "https://")
 
 def _check_text(i: int, item: Any, limits: Limits) -> None:
     if not isinstance(item, str):
-        raise BadRequest(f"item {i} must be str, got {type(item).__name__}")
+        raise BadRequest(f"item {i} must be str, got {msgpack_type(item)}")
     size = len(item)
     if size * 4 > limits.max_item_bytes:  # only then can the UTF-8 size exceed the limit
         size = len(item.encode("utf-8", "surrogatepass"))
@@ -162,7 +269,7 @@ def _check_image(i: int, item: Any, limits: Limits) -> None:
         if not item.startswith(IMAGE_URI_PREFIXES):
             raise BadRequest(f"image item {i} must be bytes, a data: URI or an http(s) URL")
     elif not isinstance(item, bytes):
-        raise BadRequest(f"image item {i} must be bytes, got {type(item).__name__}")
+        raise BadRequest(f"image item {i} must be bin or str, got {msgpack_type(item)}")
     if len(item) > limits.max_image_bytes:
         raise TooLarge(f"image item {i} is {len(item)} bytes, at most {limits.max_image_bytes}")
 
