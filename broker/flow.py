@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
 
 from zembed import protocol as p
 from zembed.broker.pending import ClientRequest, PendingTable, item_errors_by_position
-from zembed.broker.replies import Replier
+from zembed.broker.replies import Replier, SendSocket
 from zembed.broker.state import BrokerState, Engine, Inflight
 from zembed.cache.backends import Cache
 from zembed.cache.keys import item_keys, key_prefix
@@ -29,7 +29,7 @@ from zembed.messages import packb
 log = logging.getLogger("zembed.broker")
 
 
-def send_engine(backend: zmq.Socket[Any], identity: bytes, cmd: bytes,
+def send_engine(backend: SendSocket, identity: bytes, cmd: bytes,
                 header: dict[str, Any] | None = None, body: Any = None) -> bool:
     """Send a command to an engine without blocking; False if it is gone or not reading."""
     frames: list[Any] = [identity, p.ENGINE_PROTO, cmd]
@@ -47,10 +47,20 @@ def send_engine(backend: zmq.Socket[Any], identity: bytes, cmd: bytes,
 
 
 class EmbedFlow:
-    """Cache lookup, single-flight, admission and dispatch of embed requests."""
+    """Cache lookup, single-flight, admission and dispatch of embed requests.
+
+    :param state: broker state (engines, credits, in-flight table).
+    :param cache: the cache backend (any :class:`~zembed.cache.backends.Cache`).
+    :param replier: answers clients.
+    :param backend: the engine ROUTER, or anything with its ``send_multipart`` (tests).
+    :param cache_prefix: prefix of every cache key.
+    :param clock: monotonic seconds; the broker passes ``time.monotonic``, tests a fake.
+    """
 
     def __init__(self, state: BrokerState, cache: Cache, replier: Replier,
-                 backend: zmq.Socket[Any], cache_prefix: str) -> None:
+                 backend: SendSocket, cache_prefix: str, *,
+                 clock: Callable[[], float]) -> None:
+        self.clock = clock
         self.state = state
         self.cache = cache
         self.replier = replier
@@ -148,7 +158,7 @@ class EmbedFlow:
                      items: list[Any]) -> bool:
         header: dict[str, Any] = {
             "tok": flight.token, "kind": req.kind, "normalize": req.normalize, "n": len(items),
-            "deadline_ms": max(1, math.ceil((req.deadline - time.monotonic()) * 1000))}
+            "deadline_ms": max(1, math.ceil((req.deadline - self.clock()) * 1000))}
         if req.input_type is not None:
             header["input_type"] = req.input_type
         return send_engine(self.backend, engine.identity, p.REQUEST, header, packb(items))

@@ -27,7 +27,7 @@ from zembed.broker.state import BrokerState
 from zembed.broker.stats import BrokerStats, ConnectionCounter, StatsPublisher
 from zembed.cache.backends import Cache, open_cache
 from zembed.config import BrokerConfig
-from zembed.errors import BadRequest, ZembedError
+from zembed.errors import BadRequest, Overloaded, ZembedError
 from zembed.messages import (
     Limits,
     packb,
@@ -43,7 +43,12 @@ log = logging.getLogger("zembed.broker")
 
 #: Messages drained from one socket per loop turn, so neither side starves the other.
 DRAIN_BATCH = 512
+#: Poll period while some client has replies waiting in the broker's backlog.
+BACKLOG_RETRY_S = 0.002
 _EMPTY = b""
+NOT_READING = ("this connection was cut off for not reading its replies (its backlog was full); "
+               "read your replies, then retry")
+NOT_READING_RETRY_S = 0.1
 
 
 class Broker:
@@ -66,7 +71,8 @@ class Broker:
         self.state = BrokerState(cfg.lanes, heartbeat_interval_s=cfg.heartbeat_interval_ms / 1000,
                                  liveness=cfg.heartbeat_liveness)
         self.frontend = self._router(max_message_bytes=cfg.max_message_bytes,
-                                     rcvhwm=cfg.max_queued_per_client)
+                                     rcvhwm=cfg.max_queued_per_client,
+                                     sndhwm=cfg.max_replies_queued_per_client)
         self.backend = self._router(max_message_bytes=-1)
         self.auth: BrokerAuth | None = None
         if cfg.curve_secret_key:  # before bind: only allowed keys ever complete a handshake
@@ -80,9 +86,10 @@ class Broker:
         self.cache = cache if cache is not None else open_cache(
             cfg.cache, ttl_s=cfg.cache_ttl_s, timeout_s=cfg.cache_timeout_ms / 1000,
             memory_items=cfg.cache_memory_items)
-        self.replier = Replier(self.frontend, self.state, self.counters)
+        self.replier = Replier(self.frontend, self.state, self.counters, clock=time.monotonic,
+                               max_backlog_bytes=cfg.max_reply_backlog_bytes)
         self.flow = EmbedFlow(self.state, self.cache, self.replier, self.backend,
-                              cfg.cache_prefix)
+                              cfg.cache_prefix, clock=time.monotonic)
         self.stats = BrokerStats(
             self.state, self.flow, self.counters, StatsPublisher(self.ctx, cfg.stats_endpoint),
             ConnectionCounter(self.frontend), interval_s=cfg.stats_interval_s,
@@ -90,18 +97,21 @@ class Broker:
         self._batch: list[ClientRequest] = []
         self._running = False
 
-    def _router(self, *, max_message_bytes: int, rcvhwm: int = 100_000) -> zmq.Socket[Any]:
+    def _router(self, *, max_message_bytes: int, rcvhwm: int = 100_000,
+                sndhwm: int = 100_000) -> zmq.Socket[Any]:
         """A ROUTER with the broker's options.
 
         ``rcvhwm`` bounds the messages queued per peer before libzmq stops reading from that
         peer's connection: a client flooding faster than the broker can even say no is pushed
-        back by TCP instead of growing the broker's memory. Engines are bounded by credits.
+        back by TCP instead of growing the broker's memory. ``sndhwm`` bounds what libzmq
+        queues towards one peer; past it the Replier's byte-bounded backlog takes over (a
+        client that never reads cannot grow the broker). Engines are bounded by credits.
         """
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
         return sock
 
@@ -138,6 +148,7 @@ class Broker:
             if self.stats.clients.sock in events:
                 self.stats.clients.drain()
             now = time.monotonic()
+            self.replier.flush()
             self.answer_expired(now)
             self.purge_dead_engines(now)
             self.send_heartbeats(now)
@@ -151,6 +162,8 @@ class Broker:
         deadline = self.flow.pending.next_deadline()
         if deadline is not None:
             timeout_s = min(timeout_s, deadline - now)
+        if self.replier.waiting:  # libzmq says nothing when a client's pipe drains: retry soon
+            timeout_s = min(timeout_s, BACKLOG_RETRY_S)
         return max(1, math.ceil(timeout_s * 1000))
 
     def stop(self) -> None:
@@ -227,6 +240,9 @@ class Broker:
                                  + ", ".join(sorted(p.MANAGEMENT_OPS)))
             if len(frames) != 4:
                 raise BadRequest(f"an embed request has 3 frames, got {len(frames) - 1}")
+            if self.replier.refuses(identity):
+                self.counters["refused_not_reading"] += 1
+                raise Overloaded(NOT_READING, retry_after=NOT_READING_RETRY_S)
             lane, kind, normalize, dtype, deadline_ms, n, input_type = parse_embed_header(
                 header, self.lane_kinds, self.limits)
             self.state.stats[lane].bytes_in += len(frames[2]) + len(frames[3])
@@ -234,7 +250,9 @@ class Broker:
         except ZembedError as exc:
             if exc.status == p.BAD_REQUEST:
                 self.counters["bad_client_frames"] += 1
-            self.replier.error(identity, rid, lane, exc.status, exc.message, n)
+            retry = getattr(exc, "retry_after", None)
+            self.replier.error(identity, rid, lane, exc.status, exc.message, n,
+                               retry_after_ms=None if retry is None else math.ceil(retry * 1000))
             return
         now = time.monotonic()
         self._batch.append(ClientRequest(identity, rid, lane, kind, normalize, dtype, input_type,
