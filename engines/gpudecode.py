@@ -7,7 +7,11 @@ the model's own open_clip preprocessing: size, mean, std, resize mode and interp
 read from the model's ``preprocess_cfg``, never hard-coded.
 
 Only JPEGs go this way. Every item first passes :func:`~zembed.engines.imageio.open_checked`
-(header only: format, pixel-bomb guard, smallest side), exactly as on the CPU path. Other
+(header only: format, pixel-bomb guard, smallest side, and scan data too short for the size the
+header claims), exactly as on the CPU path. nvJPEG gets the original bytes: the CPU path's
+stricter end-of-scan decode (``check_jpeg``, which catches a sequential JPEG cut short and given
+an end marker) is not applied here, because how nvJPEG treats a stream without an end marker
+has not been measured on a GPU. Other
 formats (PNG, WebP, GIF, BMP), and any JPEG that ``decode_jpeg`` rejects or decodes to another
 size than its header said, take the CPU path (PIL and open_clip's transform) for that item
 alone; a JPEG that PIL cannot decode either is that item's :class:`ItemError`.

@@ -51,6 +51,37 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     return bytes(raw)
 
 
+def _sof_offset(data: bytes) -> int:
+    """Offset of a JPEG's SOF0/1/2 marker (where its size is written)."""
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    return i
+
+
+def lying_jpeg(width: int, height: int, data: bytes | None = None) -> bytes:
+    """A JPEG (64x64 of data by default) whose header claims ``width`` x ``height`` pixels.
+
+    libjpeg decodes it without an error, padding what the data does not cover with grey.
+    """
+    raw = bytearray(data if data is not None else jpeg(11, 64, 64))
+    at = _sof_offset(bytes(raw))
+    raw[at + 5:at + 9] = struct.pack(">HH", height, width)
+    return bytes(raw)
+
+
+def cut_with_eoi(data: bytes, keep: float) -> bytes:
+    """A JPEG cut after ``keep`` of its scan data, then given an end marker (FF D9): a file cut
+    short and 'repaired' the way Pillow's LOAD_TRUNCATED_IMAGES repairs it."""
+    scan = data.rfind(b"\xff\xda")
+    start = scan + 2 + struct.unpack_from(">H", data, scan + 2)[0]
+    end = len(data) - 2  # the encoders used here end the scan right at FF D9
+    cut = start + int((end - start) * keep)
+    if data[cut - 1] == 0xFF:  # do not leave half of a stuffed FF 00
+        cut -= 1
+    return data[:cut] + b"\xff\xd9"
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import Stack, tiny_args
-from images import bomb_png, data_uri, encode, jpeg, picture, png, write
+from images import bomb_png, cut_with_eoi, data_uri, encode, jpeg, lying_jpeg, picture, png, write
 
 from zembed.client import AsyncClient, Client, Overloaded
 from zembed.errors import ZembedError
@@ -112,6 +112,21 @@ def test_one_bad_image_fails_only_itself(client: Client) -> None:
     alone = client.embed_images(good).vectors
     assert np.array_equal(result.vectors[[0, 7]], alone)  # neighbours did not change a thing
     assert client.embed_images([png(9)]).vectors.shape == (1, 32)  # still serving
+
+
+def test_truncated_and_lying_jpegs_are_per_item_400s(client: Client) -> None:
+    """The outside probe's 6000x6000 header over 64x64 of data, and a JPEG cut short and given
+    an end marker: libjpeg pads both with grey and raises nothing; the engine refuses them."""
+    good = [jpeg(21, 320, 240), png(22)]
+    items = [good[0], lying_jpeg(6000, 6000), cut_with_eoi(jpeg(23, 640, 480), 0.5), good[1]]
+    result = client.embed_images(items)
+    assert sorted(result.item_errors) == [1, 2]
+    for i in (1, 2):
+        status, message = result.item_errors[i]
+        assert status == 400 and "truncated or corrupt JPEG image" in message, message
+        assert not result.vectors[i].any()
+    alone = client.embed_images(good).vectors
+    assert np.array_equal(result.vectors[[0, 3]], alone) and alone.any()
 
 
 def test_formats_and_client_side_conversions(client: Client, tmp_path: Path) -> None:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import http.server
+import io
 import threading
 from collections.abc import Iterator
 
 import pytest
-from images import bomb_png, data_uri, encode, jpeg, picture, png
-from PIL import Image
+from images import bomb_png, cut_with_eoi, data_uri, encode, jpeg, lying_jpeg, picture, png
+from PIL import Image, ImageFile
 
-from zembed.engines.imageio import DecodeLimits, FetchPolicy, decode, item_bytes
+from zembed.engines.imageio import (
+    DecodeLimits,
+    FetchPolicy,
+    decode,
+    item_bytes,
+    jpeg_layout,
+    open_checked,
+)
 from zembed.engines.model import ItemError
 
 LIMITS = DecodeLimits(max_pixels=1_000_000, min_side=8, draft=True, target=32)
@@ -58,6 +66,78 @@ def test_draft_mode_decodes_smaller_but_never_below_target() -> None:
     assert isinstance(drafted, Image.Image) and isinstance(full, Image.Image)
     assert full.size == (640, 480)
     assert drafted.size == (320, 240)  # 1/2 scale: still >= 224 on both sides
+
+
+BIG = DecodeLimits(max_pixels=40_000_000, target=224)
+FULL = DecodeLimits(max_pixels=40_000_000, draft=False)
+
+
+def _progressive(seed: int, width: int = 640, height: int = 480) -> bytes:
+    return encode(picture(seed, width, height), "JPEG", quality=90, progressive=True)
+
+
+def test_truncated_images_are_refused_even_with_pillows_lax_mode_around() -> None:
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # turned off by the module, on purpose
+    whole = jpeg(5, 640, 480)
+    for limits in (BIG, FULL):  # draft mode still entropy-decodes every block
+        err = decode(whole[:len(whole) * 2 // 3], limits)  # the data just stops
+        assert isinstance(err, ItemError) and err.status == 400, err
+        assert "truncated or corrupt JPEG" in err.message
+
+
+@pytest.mark.parametrize("limits", [BIG, FULL], ids=["draft", "full"])
+@pytest.mark.parametrize("data", [
+    lying_jpeg(6000, 6000),  # the probe's image: 64x64 of data under a 6000x6000 header
+    lying_jpeg(6000, 6000, _progressive(3, 64, 64)),
+    lying_jpeg(2000, 1500, encode(picture(4, 64, 64).convert("L"), "JPEG")),
+], ids=["baseline", "progressive", "grey"])
+def test_a_header_claiming_more_pixels_than_the_data_holds_is_refused(
+        data: bytes, limits: DecodeLimits) -> None:
+    err = decode(data, limits)
+    assert isinstance(err, ItemError) and err.status == 400, err
+    assert "truncated or corrupt JPEG" in err.message and "header says" in err.message
+    # Refused by the header check itself, so the GPU path (which decodes after it) is covered.
+    assert isinstance(open_checked(data, limits), ItemError)
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.97])
+@pytest.mark.parametrize("limits", [BIG, FULL], ids=["draft", "full"])
+def test_a_sequential_jpeg_cut_short_and_given_an_end_marker_is_refused(
+        keep: float, limits: DecodeLimits) -> None:
+    whole = jpeg(6, 640, 480)
+    assert isinstance(decode(whole, limits), Image.Image)
+    err = decode(cut_with_eoi(whole, keep), limits)
+    assert isinstance(err, ItemError) and err.status == 400, err
+    assert "truncated or corrupt JPEG image: image file is truncated" in err.message
+
+
+def _variants() -> list[tuple[str, bytes]]:
+    out = []
+    for width, height in ((640, 480), (333, 97), (17, 1031)):
+        img = picture(width % 7, width, height)
+        out += [(f"{width}x{height}-420", encode(img, "JPEG", quality=90)),
+                (f"{width}x{height}-444-optimized",
+                 encode(img, "JPEG", quality=95, subsampling=0, optimize=True)),
+                (f"{width}x{height}-422-q30", encode(img, "JPEG", quality=30, subsampling=1)),
+                (f"{width}x{height}-grey", encode(img.convert("L"), "JPEG")),
+                (f"{width}x{height}-cmyk", encode(img.convert("CMYK"), "JPEG")),
+                (f"{width}x{height}-restarts", encode(img, "JPEG", restart_marker_blocks=3)),
+                (f"{width}x{height}-progressive", encode(img, "JPEG", progressive=True))]
+    out.append(("flat-grey", encode(Image.new("RGB", (64, 64), (128, 128, 128)), "JPEG")))
+    return out
+
+
+@pytest.mark.parametrize(("name", "data"), _variants(), ids=[n for n, _ in _variants()])
+def test_the_strict_decode_gives_a_whole_jpeg_the_same_pixels(name: str, data: bytes) -> None:
+    layout = jpeg_layout(data)
+    assert layout is not None and layout.scans[-1].end is not None
+    for limits in (BIG, FULL):
+        ours = decode(data, limits)
+        assert isinstance(ours, Image.Image), (name, ours)
+        plain = Image.open(io.BytesIO(data))
+        if limits.draft:
+            plain.draft("RGB", (limits.target, limits.target))
+        assert ours.tobytes() == plain.convert("RGB").tobytes(), name
 
 
 def test_data_uris() -> None:
