@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -55,6 +56,16 @@ CASES: list[tuple[str, list[bytes], int]] = [
     ("deep nesting", [P, hdr(), b"\x91" * 5000], 400),
     ("too many items", [P, hdr(n=100_000), msgpack.packb(["a"] * 100_000)], 413),
     ("item too long", [P, hdr(), msgpack.packb(["x" * 70_000])], 413),
+    ("a later protocol version", [b"ZEC2", hdr(), BODY], 400),
+    ("header over 16 KiB", [P, hdr(pad="x" * 20_000), BODY], 400),
+    ("header with a bin key", [P, msgpack.packb({"id": 7, "n": 1, b"lane": "x"}), BODY], 400),
+    ("nested map with an int key", [P, hdr(extra={1: 2}), BODY], 400),
+    ("bytes after the header map", [P, hdr() + b"\x00", BODY], 400),
+    ("bytes after the body array", [P, hdr(), BODY + b"\x00"], 400),
+    ("header nested too deep", [P, b"\x91" * 5000, BODY], 400),
+    ("nil id", [P, hdr(id=None), BODY], 400),
+    ("nil n", [P, hdr(n=None), BODY], 400),
+    ("id as an integral float", [P, hdr(id=7.0), BODY], 400),
 ]
 
 
@@ -102,6 +113,25 @@ ERROR_TEXTS: list[tuple[str, list[bytes], str]] = [
     ("a later protocol version", [b"ZEC2", hdr(), BODY],
      "unsupported protocol version b'ZEC2': this broker speaks b'ZEC1' only"),
     ("unknown op", [P, hdr(op="explode"), BODY], "unknown op 'explode'; ops are embed, health"),
+    # undecodable msgpack names its problem, never "...: " with nothing after the colon
+    ("header nested too deep", [P, b"\x91" * 5000, BODY],
+     "header is not valid msgpack: StackError: nesting too deep"),
+    ("header truncated", [P, hdr()[:-1], BODY],
+     "header is not valid msgpack: ValueError: truncated data"),
+    ("header byte 0xc1", [P, b"\xc1", BODY],
+     "header is not valid msgpack: FormatError: malformed data"),
+    ("body nested too deep", [P, hdr(), b"\x91" * 5000],
+     "body is not a msgpack array of n=1 items: StackError: nesting too deep"),
+    ("body truncated", [P, hdr(), BODY[:-1]],
+     "body is not a msgpack array of n=1 items: ValueError: truncated data"),
+    ("body byte 0xc1", [P, hdr(), b"\xc1"],
+     "body is not a msgpack array of n=1 items: FormatError: malformed data"),
+    ("body with a map", [P, hdr(), msgpack.packb([{"a": 1}])],
+     "body is not a msgpack array of n=1 items: it holds a msgpack map"),
+    ("header over 16 KiB", [P, hdr(pad="x" * 20_000), BODY], "header is 20034 bytes, at most 16384"),
+    ("header with an int key", [P, msgpack.packb({"id": 7, "n": 1, 1: 2}), BODY],
+     "header map keys must be msgpack str, found a key of type int"),
+    ("nil n is missing", [P, hdr(n=None), BODY], "header field 'n' (number of items) is required"),
 ]
 
 
@@ -121,3 +151,57 @@ def test_management_op_with_empty_body_or_none_is_answered(raw: zmq.Socket[Any])
         raw.send_multipart(frames)
         header = msgpack.unpackb(recv(raw)[1])
         assert (header["id"], header["status"]) == (rid, 200)
+
+
+#: Headers refused although they are one whole map with a valid id: the reply keeps that id.
+REFUSED_WITH_ID: list[tuple[str, bytes, str]] = [
+    ("header over 16 KiB", hdr(pad="x" * 20_000), "header is 20034 bytes, at most 16384"),
+    ("header with an int key", msgpack.packb({"id": 7, "n": 1, 1: 2}),
+     "header map keys must be msgpack str, found a key of type int"),
+    ("header with a bin key", msgpack.packb({"id": 7, "n": 1, b"x": 2}),
+     "header map keys must be msgpack str, found a key of type bin"),
+    ("bytes after the header map", hdr() + b"\x00", "header is not valid msgpack: ExtraData"),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="needs broker/server.py handle_client to reply with "
+                   "HeaderRefused.rid when unpack_header refuses a header (messages.py has it)")
+@pytest.mark.parametrize(("header", "text"), [c[1:] for c in REFUSED_WITH_ID],
+                         ids=[c[0] for c in REFUSED_WITH_ID])
+def test_refused_header_is_answered_with_its_id(
+    raw: zmq.Socket[Any], header: bytes, text: str
+) -> None:
+    raw.send_multipart([P, header, BODY])
+    reply = msgpack.unpackb(recv(raw)[1])
+    assert reply["status"] == 400 and reply["error"].startswith(text), reply
+    assert reply["id"] == 7, reply
+
+
+def test_nil_optional_fields_mean_absent(raw: zmq.Socket[Any], client: Client) -> None:
+    """A JavaScript encoder writes undefined/null as nil: optional fields take their default."""
+    nils = {name: None for name in ("op", "lane", "kind", "normalize", "dtype", "deadline_ms",
+                                    "input_type")}
+    raw.send_multipart([P, hdr(id=31, **nils), msgpack.packb(["nil means absent"])])
+    proto, header, body = recv(raw, 15)
+    assert proto == P
+    h = msgpack.unpackb(header)
+    assert (h["id"], h["status"], h["dtype"], h["shape"]) == (31, 200, "f32", [1, 384]), h
+    vector = np.frombuffer(body, "<f4")
+    assert abs(float(np.linalg.norm(vector)) - 1.0) < 1e-2  # normalize defaulted to true
+    assert np.allclose(vector, client.embed_texts(["nil means absent"])[0], atol=1e-2)
+
+
+def test_protocol_example_runs(shared_stack: Any) -> None:
+    """The example at the end of docs/protocol.md, run as written against a real broker."""
+    doc = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    example = doc[doc.index("## Example (Python, without the SDK)"):]
+    code = example[example.index("```python\n") + 10:example.index("```\n", 20)]
+    assert "tcp://127.0.0.1:5555" in code
+    ns: dict[str, Any] = {}
+    exec(compile(code.replace("tcp://127.0.0.1:5555", shared_stack.frontend),
+                 "docs/protocol.md", "exec"), ns)
+    ns["s"].close()
+    vectors = ns["vectors"]
+    assert vectors.dtype == np.float32 and vectors.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-2)
+    assert ns["failed"] == {} and ns["h"]["id"] == 1
