@@ -86,6 +86,11 @@ def drain(sock: zmq.Socket[Any], wait_ms: int = 20) -> list[list[bytes]]:
     return out
 
 
+def assert_names_the_problem(error: str) -> None:
+    """An error text says what is wrong: never empty, never "...: " with nothing after it."""
+    assert error and not error.rstrip().endswith(":"), repr(error)
+
+
 def still_serving(client: Client) -> None:
     v = client.embed_texts(["still serving"])
     assert v.shape == (1, 384) and np.isfinite(v).all()
@@ -104,7 +109,7 @@ def test_well_framed_requests_get_a_documented_status(
     assert reply[0] == p.CLIENT_PROTO and header["id"] == rid
     assert header["status"] in DOCUMENTED
     if header["status"] != p.OK:
-        assert header["error"]
+        assert_names_the_problem(header["error"])
     still_serving(client)
 
 
@@ -116,7 +121,10 @@ def test_mutated_and_random_frames_never_hurt_the_broker(
     raw.send_multipart(frames) if frames else raw.send(b"")
     for reply in drain(raw, 50):  # an answer is optional (no readable id), a bad one is not
         assert reply[0] == p.CLIENT_PROTO
-        assert msgpack.unpackb(reply[1])["status"] in DOCUMENTED
+        header = msgpack.unpackb(reply[1])
+        assert header["status"] in DOCUMENTED
+        if header["status"] != p.OK:
+            assert_names_the_problem(header["error"])
     still_serving(client)
 
 
