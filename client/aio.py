@@ -15,6 +15,7 @@ import zmq
 import zmq.asyncio
 
 from zembed import protocol as p
+from zembed.client import link
 from zembed.client.codec import (
     EmbedResult,
     decode_embed,
@@ -26,15 +27,12 @@ from zembed.client.codec import (
     retry_delay,
 )
 from zembed.client.images import image_items
-from zembed.client.sync import GRACE_S
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
-from zembed.security import arm_client
 
 
-def _expire(future: asyncio.Future[Any], endpoint: str) -> None:
+def _expire(future: asyncio.Future[Any], error: ZembedError) -> None:
     if not future.done():
-        future.set_exception(
-            DeadlineExceeded(f"no answer from {endpoint} within the request's deadline"))
+        future.set_exception(error)
 
 
 class AsyncClient:
@@ -50,12 +48,15 @@ class AsyncClient:
         self.backoff = backoff
         self._sock: zmq.asyncio.Socket | None = (
             ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        arm_client(self._sock, curve_secret_key, curve_server_key)
+        link.configure(self._sock, curve_secret_key, curve_server_key)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
+        self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        #: Requests sent again after a connection drop (observability, tests).
+        self.resubmitted = 0
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
@@ -97,7 +98,7 @@ class AsyncClient:
             frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
                                   timeout_s=left, input_type=input_type)
             try:
-                header, body = await self._request(rid, frames, left + GRACE_S)
+                header, body = await self._request(rid, frames, left)
                 return decode_embed(header, body)
             except ZembedError as exc:
                 delay = retry_delay(exc, attempt, self.backoff)
@@ -133,28 +134,65 @@ class AsyncClient:
 
     async def _request(self, rid: int, frames: list[bytes],
                        wait_s: float) -> tuple[dict[str, Any], bytes]:
+        """Send and wait for the reply, never past ``wait_s`` (the caller's timeout)."""
         if self._sock is None:
             raise ConnectionClosed("client is closed")
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read_replies())
+        self._start_tasks()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._futures[rid] = future
         # A timer per request instead of asyncio.wait_for: wait_for costs a task per call,
         # which at thousands of requests/s is most of the client's CPU.
-        timer = loop.call_later(wait_s, _expire, future, self.endpoint)
+        timer = loop.call_later(wait_s, _expire, future, DeadlineExceeded(
+            f"no answer from {self.endpoint} within the request's timeout"))
         try:
             sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames))
             if not sent.done():  # not connected yet (IMMEDIATE): wait for it, bounded
-                try:
-                    await asyncio.wait_for(sent, wait_s)
-                except TimeoutError:
-                    raise EngineUnavailable(
-                        f"broker at {self.endpoint} is not reachable") from None
+                await asyncio.wait([sent, future], return_when=asyncio.FIRST_COMPLETED)
+                if not sent.done():
+                    sent.cancel()
+                    raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
+            self._frames[rid] = frames
             return await future
         finally:
             timer.cancel()
             self._futures.pop(rid, None)
+            self._frames.pop(rid, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: no "Future exception was never retrieved"
+            else:
+                future.cancel()
+
+    def _start_tasks(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read_replies())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_link())
+
+    async def _watch_link(self) -> None:
+        """On a connection drop, send every request in flight again (embedding is pure).
+
+        The send waits for the new connection; each request's own timer still bounds it.
+        """
+        monitor = self._monitor
+        while not monitor.closed:
+            try:
+                message = await monitor.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            if not link.is_drop(message) or self._sock is None:
+                continue
+            for rid, frames in list(self._frames.items()):
+                future = self._futures.get(rid)
+                if future is None or future.done():
+                    continue
+                sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames))
+                done, _ = await asyncio.wait([sent, future],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if sent in done:
+                    self.resubmitted += 1
+                else:
+                    sent.cancel()
 
     async def _read_replies(self) -> None:
         sock = self._sock
@@ -173,14 +211,16 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop the reader and close the socket; pending requests fail with ConnectionClosed."""
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(ConnectionClosed("client closed"))
         if self._sock is not None:
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._sock = None
 

@@ -7,6 +7,7 @@ several requests and then collect them with ``result`` to keep many in flight.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import zmq
 
 from zembed import protocol as p
+from zembed.client import link
 from zembed.client.codec import (
     EmbedResult,
     decode_embed,
@@ -27,28 +29,31 @@ from zembed.client.codec import (
 )
 from zembed.client.images import image_items
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
-from zembed.security import arm_client
-
-#: Extra local wait past a request's deadline: the broker's own 504 should arrive first.
-GRACE_S = 0.5
 
 
 @dataclass(slots=True)
 class Pending:
-    """A submitted request: pass it to :meth:`Client.result`."""
+    """A submitted request: pass it to :meth:`Client.result`.
+
+    ``deadline`` is the caller's: the client never waits past it. ``reached`` says whether a
+    connection to a broker took the request (so a give-up can say which failure it was).
+    """
 
     id: int
     frames: list[bytes]
     deadline: float
     op: str = p.OP_EMBED
+    reached: bool = False
 
 
 class Client:
     """Synchronous zembed client.
 
     :param endpoint: broker frontend, e.g. ``tcp://127.0.0.1:5555``.
-    :param timeout: default deadline of each request in seconds (sent to the broker, which
-        answers 504 when it passes; the client gives up shortly after if nothing arrives).
+    :param timeout: default deadline of each request in seconds: sent to the broker, which
+        answers 504 when it passes, and the client never waits longer (``DeadlineExceeded``, or
+        ``EngineUnavailable`` when no broker could be reached in that time). Requests lost with
+        a broker that died or restarted are resubmitted within it (see ``client/link.py``).
     :param retries: how many times to retry 429 (after ``retry_after``) and 503 (with backoff)
         within the timeout; 0 raises them at once.
     :param backoff: first backoff step for retries, seconds.
@@ -66,13 +71,14 @@ class Client:
         self.retries = retries
         self.backoff = backoff
         self._sock: zmq.Socket[Any] | None = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        # Do not park requests on a connection that is not up: fail fast instead.
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        arm_client(self._sock, curve_secret_key, curve_server_key)
+        link.configure(self._sock, curve_secret_key, curve_server_key)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._sock.connect(endpoint)
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
-        self._waiting: set[int] = set()
+        self._waiting: dict[int, Pending] = {}
+        self._lost: dict[int, Pending] = {}  # sent on a connection that dropped: send again
+        #: Requests sent again after a connection drop (observability, tests).
+        self.resubmitted = 0
 
     # -- embedding -------------------------------------------------------------------------
 
@@ -134,7 +140,7 @@ class Client:
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
                               timeout_s=t_out, input_type=input_type)
-        pending = Pending(rid, frames, time.monotonic() + t_out + GRACE_S)
+        pending = Pending(rid, frames, time.monotonic() + t_out)
         self._send(pending)
         return pending
 
@@ -178,25 +184,67 @@ class Client:
 
     def _send(self, pending: Pending) -> None:
         sock = self._socket()
-        # With IMMEDIATE, a send blocks until the connection is up; wait for it, bounded.
+        self._note_drops()  # a drop seen now concerns what was sent before, not this one
+        # With IMMEDIATE, a send waits until a connection is up; wait for it, bounded.
         left_ms = int((pending.deadline - time.monotonic()) * 1000)
         if not sock.poll(max(left_ms, 0), zmq.POLLOUT):
             raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
         sock.send_multipart(pending.frames, zmq.DONTWAIT)
-        self._waiting.add(pending.id)
+        pending.reached = True
+        self._waiting[pending.id] = pending
 
     def _wait(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
         sock = self._socket()
+        poller = zmq.Poller()
+        poller.register(self._monitor, zmq.POLLIN)
         try:
             while pending.id not in self._replies:
-                left_ms = int((pending.deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
-                    raise DeadlineExceeded(
-                        f"no answer from {self.endpoint} within the request's deadline")
-                self._drain(sock)
+                left_ms = math.ceil((pending.deadline - time.monotonic()) * 1000)
+                if left_ms <= 0:
+                    raise self._gave_up(pending)
+                # While requests wait to be sent again, also wake when the link is back.
+                poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if self._lost else 0))
+                events = dict(poller.poll(left_ms))
+                if self._monitor in events:
+                    self._note_drops()
+                if events.get(sock, 0) & zmq.POLLOUT:
+                    self._resend_lost(sock)
+                if events.get(sock, 0) & zmq.POLLIN:
+                    self._drain(sock)
             return self._replies.pop(pending.id)
         finally:
-            self._waiting.discard(pending.id)
+            self._waiting.pop(pending.id, None)
+            self._lost.pop(pending.id, None)
+
+    def _gave_up(self, pending: Pending) -> ZembedError:
+        if pending.id in self._lost:
+            return EngineUnavailable(
+                f"connection to {self.endpoint} lost with the request in flight and not back "
+                "within its timeout")
+        return DeadlineExceeded(f"no answer from {self.endpoint} within the request's timeout")
+
+    def _note_drops(self) -> None:
+        """Read the monitor; on a connection drop, every request in flight is to send again."""
+        dropped = False
+        while True:
+            try:
+                dropped |= link.is_drop(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        if dropped:
+            self._lost.update(self._waiting)
+
+    def _resend_lost(self, sock: zmq.Socket[Any]) -> None:
+        """Send again what a dropped connection took with it, while the new one has room."""
+        now = time.monotonic()
+        for rid, pending in list(self._lost.items()):
+            if pending.deadline > now:
+                try:
+                    sock.send_multipart(pending.frames, zmq.DONTWAIT)
+                except zmq.Again:
+                    return
+                self.resubmitted += 1
+            del self._lost[rid]
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         while True:
@@ -206,12 +254,14 @@ class Client:
                 return
             rid, header = reply_id(frames)
             # Replies to requests nobody waits for any more (timed out) are dropped here.
-            if rid in self._waiting:
+            if rid in self._waiting and rid not in self._replies:
                 self._replies[rid] = (header, frames[2] if len(frames) > 2 else b"")
+                self._lost.pop(rid, None)  # answered after all: nothing to send again
 
     def close(self) -> None:
         """Close the socket at once (linger 0); later calls raise ConnectionClosed."""
         if self._sock is not None:
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
             self._sock = None
 

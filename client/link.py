@@ -1,0 +1,47 @@
+"""The clients' connection to the broker: heartbeats, and knowing when it was lost.
+
+A request in flight when the connection drops is lost with it: the broker that held it died or
+restarted (a broker keeps no state across lives), or the network cut it. Embedding is a pure
+function, so both clients resubmit such requests once a connection is back, within the
+caller's timeout; a reply that still arrives for the first copy is simply the answer, and a
+second one is dropped (ids are matched once).
+
+ZeroMQ reconnects by itself and says nothing to the application; a socket monitor reports the
+drop (``EVENT_DISCONNECTED``). A broker process that dies has its connections closed by the
+kernel at once; ZMTP heartbeats (PING/PONG, RFC 37) turn a *silent* peer (host down, link cut)
+into a closed connection within ``HEARTBEAT_TIMEOUT_MS``, so that case is noticed too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from zembed.security import arm_client
+
+#: ZMTP PING period on an otherwise idle connection.
+HEARTBEAT_IVL_MS = 1000
+#: A connection with no traffic (not even a PONG) for this long is closed and redialled.
+HEARTBEAT_TIMEOUT_MS = 3000
+
+
+def configure(sock: zmq.Socket[Any], curve_secret_key: str, curve_server_key: str) -> None:
+    """Options every client DEALER gets before it connects."""
+    sock.setsockopt(zmq.LINGER, 0)
+    # Do not park requests on a connection that is not up: a send waits for one (bounded by
+    # the request's timeout) instead, so the client knows whether a broker ever had it.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    arm_client(sock, curve_secret_key, curve_server_key)
+
+
+def is_drop(message: list[bytes]) -> bool:
+    """True if a monitor message says a connection to the broker went away."""
+    try:
+        return bool(parse_monitor_message(message)["event"] == zmq.EVENT_DISCONNECTED)
+    except Exception:  # a malformed monitor frame is not a drop
+        return False
