@@ -29,6 +29,7 @@ from zembed.cache.backends import Cache, open_cache
 from zembed.config import BrokerConfig
 from zembed.errors import BadRequest, Overloaded, ZembedError
 from zembed.messages import (
+    HeaderRefused,
     Limits,
     packb,
     parse_embed_header,
@@ -248,6 +249,8 @@ class Broker:
             self.state.stats[lane].bytes_in += len(frames[2]) + len(frames[3])
             items = parse_items(frames[3].buffer, kind, n, self.limits)
         except ZembedError as exc:
+            if isinstance(exc, HeaderRefused):  # a refused header may still name its id
+                rid = exc.rid
             if exc.status == p.BAD_REQUEST:
                 self.counters["bad_client_frames"] += 1
             retry = getattr(exc, "retry_after", None)

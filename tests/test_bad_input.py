@@ -164,8 +164,6 @@ REFUSED_WITH_ID: list[tuple[str, bytes, str]] = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="needs broker/server.py handle_client to reply with "
-                   "HeaderRefused.rid when unpack_header refuses a header (messages.py has it)")
 @pytest.mark.parametrize(("header", "text"), [c[1:] for c in REFUSED_WITH_ID],
                          ids=[c[0] for c in REFUSED_WITH_ID])
 def test_refused_header_is_answered_with_its_id(
