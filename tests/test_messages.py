@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from zembed import protocol as p
 from zembed.errors import BadRequest, TooLarge, UnknownLane, ZembedError
 from zembed.messages import (
+    MAX_SCANNED_ENTRIES,
     HeaderRefused,
     Limits,
     parse_embed_header,
@@ -223,3 +224,17 @@ def test_nil_required_fields_are_still_missing(name: str) -> None:
             parse_embed_header(h, LANES, LIMITS)
     else:
         assert request_id(h) is None
+
+
+def test_a_map_of_more_entries_than_scanned_gives_no_id() -> None:
+    """The id scan is bounded (a hostile header must not stall the broker loop): past
+    MAX_SCANNED_ENTRIES entries a refused header is answered without its id."""
+    small = {str(i): 0 for i in range(MAX_SCANNED_ENTRIES - 2)}
+    with pytest.raises(HeaderRefused) as info:
+        unpack_header(msgpack.packb({**small, "id": 7, 1: 2}))
+    assert info.value.rid == 7
+    big = {str(i): 0 for i in range(MAX_SCANNED_ENTRIES)}
+    with pytest.raises(HeaderRefused) as info:
+        unpack_header(msgpack.packb({**big, "id": 7, 1: 2}))
+    assert info.value.rid is None
+    assert "a map has a key of type int" in info.value.message

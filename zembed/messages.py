@@ -7,7 +7,6 @@ status is simply ``exc.status``. No sockets here: everything is unit-testable.
 
 from __future__ import annotations
 
-import io
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -87,25 +86,50 @@ def describe_msgpack_error(exc: BaseException) -> str:
     return f"{name}: {text}" if text else f"{name}: undecodable msgpack"
 
 
+#: A header map with more entries than this is not scanned for its id (legit ones have ~10).
+MAX_SCANNED_ENTRIES = 1024
+
+
+def _type_of_first_byte(byte: int) -> str:
+    """The msgpack type an object starting with ``byte`` has, without decoding the object."""
+    if byte <= 0x7F or byte >= 0xE0 or 0xCC <= byte <= 0xD3:
+        return "int"
+    if 0xA0 <= byte <= 0xBF or 0xD9 <= byte <= 0xDB:
+        return "str"
+    if byte <= 0x8F or byte in (0xDE, 0xDF):
+        return "map"
+    if byte <= 0x9F or byte in (0xDC, 0xDD):
+        return "array"
+    return {0xC0: "nil", 0xC2: "bool", 0xC3: "bool", 0xC4: "bin", 0xC5: "bin", 0xC6: "bin",
+            0xCA: "float", 0xCB: "float"}.get(byte, "ext")
+
+
 def _scan_map(raw: bytes) -> tuple[int | None, str | None]:
     """(request id, msgpack type of the first non-str key) of a header that is one whole map.
 
-    Streams through the map without building it (skipping values), so an oversized header costs
-    no more than its bytes, which the broker's max message size already bounds. (None, None)
-    unless ``raw`` starts with a complete msgpack map; the last ``"id"`` wins, as in a decode.
+    Streams through the map without building it: values other than the id are skipped and a
+    non-str key is judged by its first byte, so even an oversized header (which the broker's
+    max message size bounds) costs about one C-speed pass over its bytes and at most
+    ``MAX_SCANNED_ENTRIES`` Python steps. (None, None) unless ``raw`` starts with a complete
+    msgpack map; the last ``"id"`` wins, as in a decode.
     """
     rid: int | None = None
     bad_key: str | None = None
-    unpacker = msgpack.Unpacker(io.BytesIO(raw), raw=False, strict_map_key=False,
-                                max_buffer_size=max(len(raw), 1))
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(raw), 1))
     try:
-        for _ in range(unpacker.read_map_header()):
-            key = unpacker.unpack()
-            if isinstance(key, str) and key == "id":
-                rid = request_id({"id": unpacker.unpack()})
-                continue
-            if not isinstance(key, str) and bad_key is None:
-                bad_key = msgpack_type(key)
+        unpacker.feed(raw)
+        entries = unpacker.read_map_header()
+        if entries > MAX_SCANNED_ENTRIES:
+            return None, None
+        for _ in range(entries):
+            key_type = _type_of_first_byte(raw[unpacker.tell()])
+            if key_type == "str":
+                if unpacker.unpack() == "id":
+                    rid = request_id({"id": unpacker.unpack()})
+                    continue
+            else:
+                bad_key = bad_key or key_type
+                unpacker.skip()
             unpacker.skip()
     except Exception:  # not a map, or not a complete one: no id to trust
         return None, None
