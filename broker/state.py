@@ -19,6 +19,8 @@ from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, U
 
 #: Window over which a lane's completion rate is measured for ``retry_after_ms``.
 RATE_WINDOW_S = 2.0
+#: The longest ``retry_after_ms`` the broker suggests: later, a client should just try again.
+RETRY_AFTER_MAX_MS = 10_000
 #: An engine silent for this many heartbeat intervals has missed a heartbeat: still served
 #: (it is dead only after ``liveness`` intervals), but no longer counted as ready.
 LIVE_INTERVALS = 2
@@ -58,6 +60,15 @@ class Engine:
         batches, items = header.get("batches"), header.get("batch_items")
         if type(batches) is int and type(items) is int:
             self.batches, self.batch_items = batches, items
+
+
+def announced_rate(info: dict[str, Any]) -> float | None:
+    """An engine's READY ``warmup_items_per_s`` (items per second at full batches, measured
+    at its warm-up), if it is a positive finite number; engines are not trusted to send one."""
+    value = info.get("warmup_items_per_s")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
 
 
 @dataclass(slots=True)
@@ -226,7 +237,7 @@ class BrokerState:
             )
         raise Overloaded(
             f"lane {lane!r} is out of credits ({best.credits_free} free, {n} needed)",
-            retry_after=self.retry_after_ms(lane, n - best.credits_free, now) / 1000,
+            retry_after=self.retry_after_ms(lane, n, now) / 1000,
         )
 
     def dispatch(self, engine: Engine, n: int, deadline: float, now: float) -> Inflight:
@@ -266,12 +277,55 @@ class BrokerState:
             window.popleft()
         return sum(n for _, n in window) / RATE_WINDOW_S
 
-    def retry_after_ms(self, lane: str, missing: int, now: float) -> int:
-        """Estimate when ``missing`` more credits will be free, from the lane's recent rate."""
+    def retry_after_ms(self, lane: str, n: int, now: float) -> int:
+        """Milliseconds until an engine of ``lane`` is expected to have ``n`` free credits.
+
+        While the lane completes work (anything in the last ``RATE_WINDOW_S``): the credits
+        missing on the engine with the most free, divided by that measured rate. At rate 0
+        (the lane just got its first load, or its requests take longer than the window), the
+        measured rate says nothing, so each engine's in-flight requests are assumed to complete
+        in order at the throughput it announced in READY (:meth:`free_in`), and the soonest
+        engine counts. With neither a rate nor an announced throughput: one heartbeat interval,
+        the longest the broker goes without hearing from each engine. Bounded to 1 ms … 10 s.
+        """
+        peers = self.by_lane.get(lane, [])
         rate = self.lane_rate(lane, now)
-        if rate <= 0:
-            return max(1, int(self.heartbeat_interval_s * 100))
-        return max(1, min(10_000, math.ceil(missing / rate * 1000)))
+        if rate > 0:
+            missing = n - max((e.credits_free for e in peers), default=0)
+            wait_s = missing / rate
+        else:
+            waits = [w for e in peers if (w := self.free_in(e, n, now)) is not None]
+            wait_s = min(waits) if waits else self.heartbeat_interval_s
+        # (rounded first, so that float noise in 0.15 s does not make it 151 ms)
+        return max(1, min(RETRY_AFTER_MAX_MS, math.ceil(round(wait_s * 1000, 6))))
+
+    def free_in(self, engine: Engine, n: int, now: float) -> float | None:
+        """Seconds until ``engine`` has ``n`` free credits, from the throughput it announced.
+
+        Its in-flight requests are taken in dispatch order, each done ``n ÷ warmup_items_per_s``
+        after the one before it (or after its own dispatch, if the engine was idle then); the
+        answer is when enough of them are done to free the missing credits. When that moment
+        has passed (the engine is behind its announced pace), the time the missing credits
+        take at that pace from now. ``None`` when the engine announced no usable throughput,
+        or ``n`` is more than it ever has.
+        """
+        rate = announced_rate(engine.info)
+        if rate is None or n > engine.credits_total:
+            return None
+        need = n - engine.credits_free
+        if need <= 0:
+            return 0.0
+        queued = sorted((self.inflight[t] for t in engine.inflight if t in self.inflight),
+                        key=lambda r: (r.started, r.token))
+        done_at, freed = -math.inf, 0
+        for req in queued:
+            done_at = max(done_at, req.started) + req.n / rate
+            freed += req.n
+            if freed >= need:
+                break
+        if freed >= need and done_at > now:
+            return done_at - now
+        return need / rate
 
     def next_timer(self, now: float) -> float:
         """Seconds until a heartbeat or an engine expiry is due, >= 0."""

@@ -135,3 +135,61 @@ def test_engine_and_broker_heartbeat_intervals_may_differ() -> None:
     assert state.dead_engines(1.0) == [b"fast", b"old"]  # the 1 s engine is not dead at 1 s
     assert state.dead_engines(3.0) == [b"slow", b"fast", b"old"]
     assert {e.identity for e in state.heartbeat_due(0.15)} == {b"fast"}
+
+
+def _refusal(state: BrokerState, n: int, now: float) -> int:
+    """The ``retry_after_ms`` that a request of ``n`` items would get now."""
+    with pytest.raises(Overloaded) as info:
+        state.admit("text", n, now)
+    return round(info.value.retry_after * 1000)
+
+
+def test_retry_after_at_rate_zero_follows_the_announced_throughput(state: BrokerState) -> None:
+    """Nothing completed in the window: in-flight requests are expected to finish in order at
+    the engine's READY ``warmup_items_per_s``, an idle engine starting on a request at once."""
+    e = state.register(b"a", {**ready(8), "warmup_items_per_s": 10.0}, 0.0)
+    state.dispatch(e, 2, 99.0, 0.0)  # done at 0.2 s
+    state.dispatch(e, 6, 99.0, 0.5)  # the engine was idle from 0.2: done at 0.5 + 0.6 = 1.1 s
+    assert state.lane_rate("text", 0.6) == 0
+    assert _refusal(state, 8, 0.6) == 500  # all 8 credits: when the second one is done
+    assert state.retry_after_ms("text", 8, 0.6) == 500
+    state.complete(b"a", min(e.inflight), 0.7)  # the 2-item one, late
+    # Rate is now 1 item/s over the window: the measured rate takes over again.
+    assert state.lane_rate("text", 0.8) == 1.0
+    assert _refusal(state, 8, 0.8) == 6000  # 6 missing credits / 1 item/s
+
+
+def test_retry_after_for_late_work_and_the_soonest_engine() -> None:
+    state = BrokerState(("text",), heartbeat_interval_s=1.0, liveness=3)
+    slow = state.register(b"s", {**ready(8), "warmup_items_per_s": 4}, 0.0)
+    fast = state.register(b"f", {**ready(8), "warmup_items_per_s": 40}, 0.0)
+    small = state.register(b"x", {**ready(2), "warmup_items_per_s": 1000}, 0.0)  # can't hold 4
+    state.dispatch(slow, 8, 99.0, 0.0)  # 8 / 4 = 2 s
+    state.dispatch(fast, 4, 99.0, 0.0)  # 4 / 40 = 0.1 s
+    state.dispatch(fast, 4, 99.0, 0.0)  # then 0.2 s
+    state.dispatch(small, 2, 99.0, 0.0)
+    assert _refusal(state, 4, 0.05) == 50  # the fast engine's first request
+    assert _refusal(state, 8, 0.05) == 150  # both of the fast engine's
+    # At 3 s everything is late for its announced pace: the missing credits at that pace.
+    assert _refusal(state, 8, 3.0) == 200  # 8 / 40 items/s, the fast engine
+    assert state.free_in(slow, 8, 3.0) == 2.0 and state.free_in(small, 4, 3.0) is None
+
+
+@pytest.mark.parametrize("announced", [None, "fast", True, -5.0, 0, float("nan"),
+                                       float("inf")])
+def test_retry_after_without_rate_or_usable_announcement_is_one_heartbeat(
+        announced: object) -> None:
+    state = BrokerState(("text",), heartbeat_interval_s=0.25, liveness=3)
+    e = state.register(b"a", {**ready(4), "warmup_items_per_s": announced}, 0.0)
+    state.dispatch(e, 4, 99.0, 0.0)
+    assert _refusal(state, 1, 0.1) == 250
+
+
+def test_retry_after_is_bounded() -> None:
+    state = BrokerState(("text",), heartbeat_interval_s=1.0, liveness=3)
+    e = state.register(b"a", {**ready(1000), "warmup_items_per_s": 0.01}, 0.0)
+    state.dispatch(e, 1000, 999.0, 0.0)
+    assert _refusal(state, 10, 0.0) == 10_000  # 1000 s expected: say 10 s, then ask again
+    quick = state.register(b"b", {**ready(4), "warmup_items_per_s": 1e9}, 0.0)
+    state.dispatch(quick, 4, 999.0, 0.0)
+    assert _refusal(state, 4, 0.0) == 1
