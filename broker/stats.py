@@ -30,6 +30,7 @@ from zembed.broker.flow import EmbedFlow
 from zembed.broker.metrics import LoopMeter
 from zembed.broker.state import BrokerState
 from zembed.messages import packb
+from zembed.security import CurveRefusals, refusals_of
 
 log = logging.getLogger("zembed.broker")
 
@@ -100,8 +101,22 @@ class StatsPublisher:
             self.sock = None
 
 
+#: Monitor events that end a handshake without a session (key refused, wrong mechanism, bytes
+#: that are not ZMTP, a peer gone mid-handshake).
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 class ConnectionCounter:
-    """Connections open on a socket, from its ZeroMQ monitor (accepted minus disconnected).
+    """Connections open on a socket, from its ZeroMQ monitor: those whose handshake completed.
+
+    A TCP accept is not a client: with CURVE on, a peer whose key is refused is accepted, fails
+    its handshake and is dropped (and its libzmq may try again). So ``accepted`` counts
+    completed handshakes and ``failed`` the others, and ``open`` is completed handshakes not yet
+    disconnected. libzmq ends every connection it accepted with exactly one handshake event,
+    succeeded or failed, before its one disconnect, so open = succeeded + failed - disconnected
+    counts only sessions, without tracking connections one by one (the handshake events do not
+    say which connection they are about).
 
     The monitor's PAIR socket must be drained by the loop (:meth:`drain`), which polls it
     with the others.
@@ -109,9 +124,16 @@ class ConnectionCounter:
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self.watched = sock
-        self.sock = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.open = 0
+        self.sock = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAILED
+                                            | zmq.EVENT_DISCONNECTED)
         self.accepted = 0
+        self.failed = 0
+        self.disconnected = 0
+
+    @property
+    def open(self) -> int:
+        """Sessions open now: completed handshakes whose connection has not closed."""
+        return max(0, self.accepted + self.failed - self.disconnected)
 
     def drain(self) -> None:
         while True:
@@ -119,11 +141,16 @@ class ConnectionCounter:
                 event = recv_monitor_message(self.sock, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                self.open += 1
-                self.accepted += 1
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.open = max(0, self.open - 1)
+            self.count(event["event"])
+
+    def count(self, event: int) -> None:
+        """Account for one monitor event."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.accepted += 1
+        elif event & HANDSHAKE_FAILED:
+            self.failed += 1
+        elif event == zmq.EVENT_DISCONNECTED:
+            self.disconnected += 1
 
     def close(self) -> None:
         self.watched.disable_monitor()
@@ -180,13 +207,17 @@ class BrokerStats:
 
     def __init__(self, state: BrokerState, flow: EmbedFlow, counters: dict[str, int],
                  publisher: StatsPublisher, clients: ConnectionCounter, *,
-                 interval_s: float, stall_s: float, now: float) -> None:
+                 interval_s: float, stall_s: float, now: float,
+                 curve: CurveRefusals | None = None) -> None:
         self.state = state
         self.flow = flow
         self.cache = flow.cache
         self.counters = counters
         self.publisher = publisher
         self.clients = clients
+        #: Refused CURVE handshakes; by default those of the authenticator that armed the
+        #: frontend's context (the broker builds it before its stats), None without CURVE.
+        self.curve = curve if curve is not None else refusals_of(clients.watched.context)
         self.interval_s = interval_s
         self.loop = LoopMeter(now)
         self.watchdog = LoopWatchdog(self.loop, stall_s)
@@ -240,10 +271,19 @@ class BrokerStats:
                 "started_at": round(self.started_at, 3), "ready": not missing,
                 "missing": missing, "connected_clients": self.clients.open,
                 "clients_accepted": self.clients.accepted,
+                "handshakes_failed": self.clients.failed,
+                "curve_refused": self.curve_refused(),
                 "loop": {**self.loop.snapshot(), "stalls": self.watchdog.stalls},
                 "stats_socket": self.publisher.state(),
             })
         return snap
+
+    def curve_refused(self) -> dict[str, int]:
+        """Handshakes refused for their key, per socket (zeros with CURVE off)."""
+        counts = {"frontend": 0, "backend": 0}
+        if self.curve is not None:
+            counts.update(self.curve.counts)
+        return counts
 
     def close(self) -> None:
         self.watchdog.stop()

@@ -333,9 +333,10 @@ def test_stats_socket_takes_curve_keys_when_the_broker_does(stack_factory: Calla
 
     broker_key, broker_secret = keygen(tmp_path, "broker")
     client_key, client_secret = keygen(tmp_path, "client")
-    for role in ("clients", "engines"):
+    engine_key, _ = keygen(tmp_path, "engine")  # one key on both sockets: refused at start
+    for role, key in (("clients", client_key), ("engines", engine_key)):
         (tmp_path / role).mkdir()
-        (tmp_path / role / "client.key").write_bytes(client_key.read_bytes())
+        (tmp_path / role / key.name).write_bytes(key.read_bytes())
     stack = stack_factory()
     stack.start_broker("--stats-interval-s", INTERVAL, "--curve-secret-key", str(broker_secret),
                        "--curve-clients-dir", str(tmp_path / "clients"),

@@ -22,6 +22,7 @@ from zembed.broker.metrics import LATENCY_BUCKETS_S, Histogram, LatencyWindow, L
 from zembed.broker.state import BrokerState
 from zembed.broker.stats import BrokerStats, ConnectionCounter, LoopWatchdog, StatsPublisher
 from zembed.cache.backends import NullCache
+from zembed.security import CurveRefusals
 from zembed.tools import dashboard
 from zembed.tools.exporter import SnapshotCollector
 
@@ -150,6 +151,41 @@ def test_every_snapshot_field_is_documented(broker_stats: BrokerStats) -> None:
     assert not sorted(f for f in fields if f"`{f}`" not in doc)
 
 
+def test_a_failed_handshake_is_never_a_client() -> None:
+    """ConnectionCounter's arithmetic on the monitor's events, as libzmq orders them per
+    connection (accept, one handshake event, disconnect), interleaved across connections."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    counter = ConnectionCounter(sock)
+    try:
+        for event in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_DISCONNECTED,
+                      zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_DISCONNECTED):
+            counter.count(event)
+        assert (counter.accepted, counter.failed, counter.open) == (1, 3, 2)
+        counter.count(zmq.EVENT_DISCONNECTED)  # the last refused one goes: the client stays
+        assert counter.open == 1
+        counter.count(zmq.EVENT_DISCONNECTED)
+        assert counter.open == 0
+    finally:
+        counter.close()
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_snapshot_counts_curve_refusals_per_socket(broker_stats: BrokerStats) -> None:
+    assert broker_stats.snapshot(0.5)["broker"]["curve_refused"] == {"frontend": 0, "backend": 0}
+    refusals = CurveRefusals({"frontend": "/c", "backend": "/e"})
+    broker_stats.curve = refusals
+    refusals.refused("backend", "10.1.1.1", b"k" * 40)
+    refusals.refused("backend", "10.1.1.1", b"k" * 40)
+    snap = broker_stats.snapshot(0.5)
+    assert snap["broker"]["curve_refused"] == {"frontend": 0, "backend": 2}
+    collector = SnapshotCollector()
+    collector.update(snap)
+    assert scrape(collector)[("zembed_curve_refused_total", (("socket", "backend"),))] == 2
+
+
 def test_snapshot_readiness_names_what_is_missing(broker_stats: BrokerStats) -> None:
     snap = broker_stats.snapshot(0.5)
     assert snap["broker"]["ready"] is True and snap["schema"] == 1
@@ -245,6 +281,7 @@ def test_exporter_families(broker_stats: BrokerStats) -> None:
     assert m[("zembed_engine_credits", (("engine", "0061"), ("lane", "text")))] == 8
     assert m[("zembed_engine_random_weights", (("engine", "0062"), ("lane", "image")))] == 1
     assert m[("zembed_ready", ())] == 1 and m[("zembed_sent_bytes_total", text)] == 120
+    assert m[("zembed_curve_refused_total", (("socket", "backend"),))] == 0  # CURVE off
     collector.stale_s = -1  # a snapshot too old is not served
     assert scrape(collector) == {("zembed_up", ()): 0.0}
 

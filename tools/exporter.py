@@ -76,10 +76,16 @@ def broker_families(snap: dict[str, Any]) -> Iterator[Metric]:
                  [([], loop.get("max_turn_ms", 0.0) / 1000)])
     yield _counter("zembed_loop_stalls", "Loop turns the watchdog saw run past loop_stall_s.",
                    [], [([], loop.get("stalls", 0))])
-    yield _gauge("zembed_connected_clients", "Connections open on the frontend.", [],
+    yield _gauge("zembed_connected_clients", "Client sessions open on the frontend.", [],
                  [([], broker.get("connected_clients", 0))])
-    yield _counter("zembed_clients_accepted", "Connections accepted on the frontend.", [],
+    yield _counter("zembed_clients_accepted",
+                   "Frontend connections whose handshake completed.", [],
                    [([], broker.get("clients_accepted", 0))])
+    yield _counter("zembed_handshakes_failed", "Frontend connections whose handshake failed.",
+                   [], [([], broker.get("handshakes_failed", 0))])
+    yield _counter("zembed_curve_refused",
+                   "CURVE handshakes refused for a key not allowed on the socket.", ["socket"],
+                   [([k], v) for k, v in broker.get("curve_refused", {}).items()])
     yield _gauge("zembed_engine_requests_in_flight", "Engine requests awaiting a reply.", [],
                  [([], snap.get("in_flight", 0))])
     yield _counter("zembed_late_replies", "Engine replies that came after their request ended.",
