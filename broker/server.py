@@ -29,6 +29,7 @@ from zembed.cache.backends import Cache, open_cache
 from zembed.config import BrokerConfig
 from zembed.errors import BadRequest, Overloaded, ZembedError
 from zembed.messages import (
+    MAX_ENGINE_HEADER_BYTES,
     HeaderRefused,
     Limits,
     packb,
@@ -294,7 +295,8 @@ class Broker:
         cmd = frames[2].bytes
         now = time.monotonic()
         try:
-            header = unpack_header(frames[3].bytes) if len(frames) > 3 else {}
+            header = (unpack_header(frames[3].bytes, MAX_ENGINE_HEADER_BYTES)
+                      if len(frames) > 3 else {})
         except BadRequest:
             self.counters["bad_engine_frames"] += 1
             return

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from zembed import protocol as p
 from zembed.errors import BadRequest, TooLarge, UnknownLane, ZembedError
 from zembed.messages import (
+    MAX_ENGINE_HEADER_BYTES,
+    MAX_HEADER_BYTES,
     MAX_SCANNED_ENTRIES,
     HeaderRefused,
     Limits,
@@ -238,3 +240,13 @@ def test_a_map_of_more_entries_than_scanned_gives_no_id() -> None:
         unpack_header(msgpack.packb({**big, "id": 7, 1: 2}))
     assert info.value.rid is None
     assert "a map has a key of type int" in info.value.message
+
+
+def test_engine_headers_may_be_larger_than_client_headers() -> None:
+    """A REPLY listing 200 failed items is ~50 KiB: refused from a client, read from an engine."""
+    errors = [[i, 400, "download failed: " + "x" * 200] for i in range(200)]
+    raw = msgpack.packb({"tok": 1, "status": 200, "item_errors": errors})
+    assert len(raw) > MAX_HEADER_BYTES
+    with pytest.raises(BadRequest):
+        unpack_header(raw)
+    assert unpack_header(raw, MAX_ENGINE_HEADER_BYTES)["item_errors"] == errors

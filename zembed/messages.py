@@ -18,6 +18,9 @@ from zembed.errors import BadRequest, TooLarge, UnknownLane
 
 #: Headers are small maps; anything bigger is hostile or broken.
 MAX_HEADER_BYTES = 16 * 1024
+#: An engine REPLY carries ``item_errors`` (up to ~250 bytes each, one per failed item of up to
+#: its credits), so 16 KiB is too little: 64 failed URL fetches would lose the whole reply.
+MAX_ENGINE_HEADER_BYTES = 1 << 20
 _U64_MAX = (1 << 64) - 1
 
 
@@ -136,16 +139,19 @@ def _scan_map(raw: bytes) -> tuple[int | None, str | None]:
     return rid, bad_key
 
 
-def unpack_header(raw: bytes) -> dict[str, Any]:
+def unpack_header(raw: bytes, limit: int = MAX_HEADER_BYTES) -> dict[str, Any]:
     """Decode a header frame into a dict with string keys, or raise BadRequest.
+
+    ``limit`` is the largest header accepted: 16 KiB from clients; engines get
+    :data:`MAX_ENGINE_HEADER_BYTES`, since a REPLY lists one error per failed item.
 
     A key whose value is nil is dropped: nil means "absent" in every header (JavaScript msgpack
     encoders write ``undefined``/``null`` as nil), so optional fields take their default and a
     required one is reported missing. A refusal of a header that is a complete map is a
     :class:`HeaderRefused` carrying the map's id, so even that 400 reaches the right request.
     """
-    if len(raw) > MAX_HEADER_BYTES:
-        raise HeaderRefused(f"header is {len(raw)} bytes, at most {MAX_HEADER_BYTES} allowed",
+    if len(raw) > limit:
+        raise HeaderRefused(f"header is {len(raw)} bytes, at most {limit} allowed",
                             _scan_map(raw)[0])
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
