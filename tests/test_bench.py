@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from conftest import Stack
@@ -83,3 +85,62 @@ def test_repeat_pool_is_the_same_across_runs_and_fresh_items_are_not() -> None:
     a, b = InputSource("text", repeat=1.0, pool=5), InputSource("text", repeat=1.0, pool=5)
     assert a.pool == b.pool  # one run warms the cache for the next
     assert set(InputSource("text").take(5)).isdisjoint(InputSource("text").take(5))
+
+
+def test_raw_measures_the_model_the_engine_serves(stack_factory: Callable[[], Stack],
+                                                  tiny: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """An image engine on --random-weights: ``bench --raw`` measures those random weights (the
+    config names weights nobody has here), or says in one line what to pass."""
+    stack = stack_factory()
+    stack.start_broker("--lanes", "image")
+    stack.start_image("--model", "zembed-tiny", "--model-config", str(tiny[0]),
+                      "--random-weights", "--dtype", "fp32", "--credits", "8")
+    stack.wait_engines("image", 1)
+    bench = [sys.executable, "-m", "zembed", "bench", "--kind", "image", "--raw", "--json",
+             "--duration-s", "1", "--requests", "10", "--concurrency", "1", "--items", "2",
+             "--endpoint", stack.frontend]
+    env = dict(os.environ, ZEMBED_CONFIG="")
+
+    # Without the engine's model config the architecture is unknown here: one line, no trace.
+    out = subprocess.run(bench, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert "zembed-tiny with random weights" in errors[0] and "pass --config" in errors[0]
+
+    # With it (and the config's default weights, ViT-B-32 'openai', which are not here and are
+    # not served): the served model is what gets measured.
+    config = tmp_path / "zembed.toml"
+    config.write_text(f'[image]\nmodel_config = "{tiny[0]}"\n')
+    out = subprocess.run([*bench, "--config", str(config)], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    raw = json.loads(out.stdout)["raw"]["image"]
+    assert raw["forward_items_per_s@2"] > 0 and raw["decode_preprocess_per_s"] > 0
+    assert "model_mismatch" not in raw  # same fingerprint as the serving engine
+
+
+def test_raw_engine_config_takes_the_served_model_over_the_config_file(tmp_path: Path) -> None:
+    from zembed.tools.raw import engine_config
+
+    checkpoint = tmp_path / "weights.pt"
+    checkpoint.write_bytes(b"not read here")
+    config = tmp_path / "zembed.toml"
+    config.write_text(f'[image]\nmodel = "ViT-B-32"\npretrained = "{checkpoint}"\n'
+                      'dtype = "bf16"\nthreads = 3\n')
+    served = {"model": "ViT-B-16", "random_weights": True, "pretrained": "random",
+              "dtype": "fp32", "device": "cpu"}
+    cfg = engine_config("image", str(config), served)
+    assert (cfg.model, cfg.random_weights, cfg.dtype, cfg.threads) == \
+        ("ViT-B-16", True, "fp32", 3)  # threads: this machine's, from the file
+    # A checkpoint is announced by file name: the file's path is used when the names match,
+    # else the announcement is taken as an open_clip tag.
+    same = engine_config("image", str(config), {**served, "random_weights": False,
+                                                 "pretrained": "weights.pt"})
+    assert same.pretrained == str(checkpoint) and not same.random_weights
+    tag = engine_config("image", str(config), {**served, "random_weights": False,
+                                                "pretrained": "laion2b_s34b_b79k"})
+    assert tag.pretrained == "laion2b_s34b_b79k"
+    assert engine_config("image", str(config), None).model == "ViT-B-32"  # no engine to ask

@@ -248,13 +248,43 @@ class Bench:
         sys.stderr.flush()
 
 
+def served_engines(endpoint: str, curve: tuple[str, str] = ("", ""),
+                   timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
+    """Lane -> one live engine's entry in the broker's stats (what it announced in READY).
+
+    Empty when the broker cannot be asked; lanes without an engine are left out.
+    """
+    from zembed.client import Client
+    from zembed.errors import ZembedError
+
+    try:
+        with Client(endpoint, timeout=timeout_s, curve_secret_key=curve[0],
+                    curve_server_key=curve[1]) as client:
+            snap = client.stats(timeout=timeout_s)
+    except (ZembedError, zmq.ZMQError, OSError, ValueError):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for lane, view in (snap.get("lanes") or {}).items():
+        engines = [e for e in view.get("engines") or [] if isinstance(e, dict)]
+        alive = [e for e in engines if e.get("alive")] or engines
+        if alive:
+            out[str(lane)] = alive[0]
+    return out
+
+
 def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
         progress: bool, curve: tuple[str, str] = ("", "")) -> dict[str, Any]:
-    """Raw limits (when asked) then the served run; one dict with everything."""
+    """Raw limits (when asked) then the served run; one dict with everything.
+
+    The raw model is the one the lane's engine announced (from the broker's stats), not
+    whatever the local config names: see :func:`zembed.tools.raw.engine_config`. A model that
+    cannot be loaded here stops the run with one line saying what to pass.
+    """
     out: dict[str, Any] = {"spec": {k: v for k, v in vars(spec).items()}}
     if raw:
         from zembed.tools import raw as rawmod
 
+        engines = served_engines(endpoint, curve)
         limits: dict[str, Any] = {}
         for kind in spec.kinds:  # transport first: torch's idle threads would disturb it
             dim = 384 if kind == p.KIND_TEXT else 512
@@ -262,7 +292,8 @@ def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
                 kind, spec.items, max(1, spec.concurrency * spec.window), 3.0, dim=dim)}
         for kind in spec.kinds:
             batches = sorted({spec.items, 32 if kind == p.KIND_TEXT else 16})
-            limits[kind].update(rawmod.model_forward(kind, batches, 3.0, config_file))
+            limits[kind].update(rawmod.model_forward(kind, batches, 3.0, config_file,
+                                                     engines.get(KIND_LANE[kind])))
         out["raw"] = limits
     out["served"] = Bench(endpoint, spec, progress, curve).run().summary()
     out["curve"] = bool(curve[0])
@@ -292,6 +323,8 @@ def render(result: dict[str, Any]) -> str:
         if (s["cache_hit_ratio"] or 0) >= 0.99:  # only an all-hit run is bounded by transport
             line += f" -> served requests/s / raw {s['requests_per_s'] / z['round_trips_per_s']:.2f}"
         lines.append(line)
+        if "model_mismatch" in limits:
+            lines.append(f"raw {kind}: NOTE {limits['model_mismatch']}")
         forward = {k: v for k, v in limits.items() if k.startswith("forward")}
         for key, value in forward.items():
             lines.append(f"raw {kind}: {key} {value:.1f}")

@@ -1,7 +1,9 @@
 """``zembed bench --raw``: the raw limits of this machine, measured in the same run.
 
 - model forward throughput in-process, at the request's batch size and at the engine's
-  max batch (the engine's own model code and config: same model, dtype, threads);
+  max batch, with the engine's own model code, of the model the serving engine announced in
+  READY (architecture, weights, dtype; see :func:`engine_config`), the config file filling in
+  what an announcement does not carry (a checkpoint's path, a model config file, threads);
 - image decode + preprocess throughput on one thread;
 - a bare ZeroMQ DEALER -> ROUTER echo round trip with the same request and reply sizes.
 
@@ -11,10 +13,14 @@ swing from run to run while ratios measured together do not.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
+import os
 import time
+from pathlib import Path
 from typing import Any
 
+import click
 import msgpack
 import numpy as np
 import zmq
@@ -35,19 +41,100 @@ def _rate(fn: Any, per_call: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
-def model_forward(kind: str, batches: list[int], seconds: float,
-                  config_file: str | None) -> dict[str, float]:
-    """Items/s of the engine's model at each batch size (text, or image/clip-text)."""
-    if kind == p.KIND_TEXT:
-        from zembed.engines.text import TextModel
+class RawUnavailable(click.ClickException):
+    """``--raw`` cannot load the model the engines serve; the message says what to pass.
 
-        model: Any = TextModel(cfgmod.load(cfgmod.TextEngineConfig, config_file=config_file))
+    A ClickException, so ``zembed bench`` stops with that one line instead of a traceback.
+    """
+
+
+def engine_config(kind: str, config_file: str | None, served: dict[str, Any] | None) -> Any:
+    """The engine config to measure: the config file's, made to match the serving engine.
+
+    ``served`` is one engine of the lane as the broker's stats show it (what it announced in
+    READY). Its architecture (``model``), weights (``random_weights``, ``pretrained``) and
+    ``dtype`` win over the file: the raw figures are meant to describe the model being served,
+    and an engine started with ``--random-weights`` must not send the raw step off to load (or
+    download) weights that nobody serves. A checkpoint is announced by file name only, so its
+    path comes from the config file's ``pretrained`` when the names match. The device is the
+    engine's where this machine has it.
+    """
+    if kind == p.KIND_TEXT:
+        cfg: Any = cfgmod.load(cfgmod.TextEngineConfig, config_file=config_file)
     else:
+        cfg = cfgmod.load(cfgmod.ImageEngineConfig, config_file=config_file)
+    if not served:
+        return cfg
+    changes: dict[str, Any] = {}
+    if isinstance(served.get("model"), str):
+        changes["model"] = served["model"]
+    if isinstance(served.get("dtype"), str):
+        changes["dtype"] = served["dtype"]
+    device = served.get("device")
+    if isinstance(device, str) and (device == "cpu" or _has_cuda(device)):
+        changes["device"] = device
+    if kind != p.KIND_TEXT:
+        random_weights = bool(served.get("random_weights"))
+        changes["random_weights"] = random_weights
+        weights = served.get("pretrained")
+        if not random_weights and isinstance(weights, str) and weights:
+            mine = cfg.pretrained
+            same_file = os.path.isfile(mine) and Path(mine).name == weights
+            changes["pretrained"] = mine if same_file else weights
+    return dataclasses.replace(cfg, **changes)
+
+
+def _has_cuda(device: str) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def load_model(kind: str, config_file: str | None, served: dict[str, Any] | None) -> Any:
+    """The engine's model class on :func:`engine_config`, or :class:`RawUnavailable`."""
+    cfg = engine_config(kind, config_file, served)
+    what = cfg.model
+    if kind != p.KIND_TEXT:
+        what += " with " + ("random weights" if cfg.random_weights else repr(cfg.pretrained))
+    what += f", {cfg.dtype}"
+    try:
+        if kind == p.KIND_TEXT:
+            from zembed.engines.text import TextModel
+
+            return TextModel(cfg)
         from zembed.engines.image import ImageModel
 
-        model = ImageModel(cfgmod.load(cfgmod.ImageEngineConfig, config_file=config_file))
+        return ImageModel(cfg)
+    except Exception as exc:  # WeightsUnavailable, a missing model config, a hub error, ...
+        source = ("as the serving engine announced it" if served else
+                  "from the config (no engine of this lane was reachable to ask)")
+        hint = ("pass --config with the engine's own config file (its model_config and the "
+                "path of its checkpoint file), or bench without --raw")
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__
+        raise RawUnavailable(f"--raw could not load the {kind} model {what} {source}: "
+                             f"{reason}. To measure it, {hint}") from None
+
+
+def model_forward(kind: str, batches: list[int], seconds: float, config_file: str | None,
+                  served: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Items/s of the served model at each batch size (text, or image/clip-text).
+
+    ``served``: the serving engine's stats entry (:func:`engine_config`). When the model
+    loaded here has another fingerprint than the served one, ``model_mismatch`` says so:
+    the ratios then compare different models.
+    """
+    model = load_model(kind, config_file, served)
     source = InputSource(kind, seed=99)
-    out = {}
+    out: dict[str, Any] = {}
+    # The stats show one fingerprint per engine (its first kind's); each kind has its own.
+    mine = {model.fingerprint(k) for k in model.kinds}
+    theirs = served.get("fingerprint") if served else None
+    if theirs and theirs not in mine:
+        out["model_mismatch"] = (f"raw model {model.fingerprint(kind)} is not the served "
+                                 f"{theirs} (other weights, dtype or config): ratios compare "
+                                 "two models")
     for batch in batches:
         items = source.take(batch)
         if kind == p.KIND_IMAGE:  # decoding is measured on its own below
