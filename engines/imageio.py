@@ -42,6 +42,9 @@ _SCAN_END = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 #: Zero bytes after a sequential JPEG's last scan, in place of its end marker (see
 #: :func:`strict_jpeg`): libjpeg(-turbo) reads up to 8 bytes ahead of the bits it decodes.
 _LOOKAHEAD_PAD = b"\x00" * 16
+#: Markers (and fill bytes) :func:`jpeg_layout` walks at most; a progressive JPEG has about
+#: ten scans and a few dozen segments in all.
+_MAX_MARKERS = 2000
 #: SOF markers of the Huffman-coded processes: sequential (baseline, extended), progressive.
 _SOF_SEQUENTIAL = (0xC0, 0xC1)
 _SOF_PROGRESSIVE = 0xC2
@@ -231,7 +234,9 @@ def jpeg_layout(data: bytes) -> JpegLayout | None:
     scans: list[JpegScan] = []
     i, size = 2, len(data)
     try:
-        while i + 4 <= size and data[i] == 0xFF:
+        for _ in range(_MAX_MARKERS):
+            if i + 4 > size or data[i] != 0xFF:
+                break
             marker = data[i + 1]
             if marker == 0xFF:  # fill byte before a marker
                 i += 1
@@ -262,6 +267,8 @@ def jpeg_layout(data: bytes) -> JpegLayout | None:
                 i = stop
                 continue
             i += 2 + length
+        else:  # no real JPEG has that many; walking them all would cost seconds in Python
+            return None
     except (IndexError, struct.error):
         return None
     if not (sof and sampling and scans) or 0 in [f for hv in sampling.values() for f in hv]:
