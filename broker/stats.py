@@ -273,6 +273,7 @@ class BrokerStats:
                 "clients_accepted": self.clients.accepted,
                 "handshakes_failed": self.clients.failed,
                 "curve_refused": self.curve_refused(),
+                "replies": self.flow.replier.snapshot(),
                 "loop": {**self.loop.snapshot(), "stalls": self.watchdog.stalls},
                 "stats_socket": self.publisher.state(),
             })

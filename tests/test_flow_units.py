@@ -14,7 +14,7 @@ import zmq
 from zembed import protocol as p
 from zembed.broker.flow import EmbedFlow
 from zembed.broker.pending import ClientRequest
-from zembed.broker.replies import UNTIMED_HOLD_S, Replier
+from zembed.broker.replies import TRACK_MIN_BYTES, UNTIMED_HOLD_S, Replier
 from zembed.broker.state import BrokerState
 from zembed.cache.backends import MemoryCache
 from zembed.cache.bf16 import to_bf16
@@ -33,21 +33,34 @@ class Clock:
 
 
 @dataclass
+class FakeTracker:
+    done: bool = False
+
+
+@dataclass
 class FakeSocket:
-    """A ROUTER stand-in: records what it sent; a peer may be full (EAGAIN) or gone."""
+    """A ROUTER stand-in: records what it sent; a peer may be full (EAGAIN) or gone.
+
+    Tracked sends (large replies) get a tracker the test marks ``done`` when "written out".
+    """
 
     sent: list[list[Any]] = field(default_factory=list)
     full: set[bytes] = field(default_factory=set)
     gone: set[bytes] = field(default_factory=set)
+    trackers: list[FakeTracker] = field(default_factory=list)
 
     def send_multipart(self, msg_parts: Any, flags: int = 0, copy: bool = True,
-                       track: bool = False, **kwargs: Any) -> None:
+                       track: bool = False, **kwargs: Any) -> FakeTracker | None:
         identity = bytes(msg_parts[0])
         if identity in self.gone:
             raise zmq.ZMQError(zmq.EHOSTUNREACH)
         if identity in self.full:
             raise zmq.Again()
         self.sent.append([bytes(f) if not isinstance(f, bytes) else f for f in msg_parts])
+        if not track:
+            return None
+        self.trackers.append(FakeTracker())
+        return self.trackers[-1]
 
     def to(self, identity: bytes) -> list[list[Any]]:
         return [m for m in self.sent if m[0] == identity]
@@ -206,13 +219,13 @@ def test_full_pipe_defers_replies_in_order_until_the_client_reads() -> None:
     for i in range(3):
         r.send(CLIENT, frames(b"%d" % i))
     assert sock.sent == [] and r.waiting
-    assert counters["replies_deferred"] == 3 and counters["reply_backlog_bytes"] == 300
+    assert counters["replies_deferred"] == 3 and r.snapshot()["backlog_bytes"] == 300
     r.flush()
     assert sock.sent == []  # still full: nothing lost, nothing sent
     sock.full.clear()
     r.send(CLIENT, frames(b"3"))  # behind what waits, not ahead of it
     assert [m[2] for m in sock.sent] == [b"0", b"1", b"2", b"3"]
-    assert not r.waiting and counters["reply_backlog_bytes"] == 0
+    assert not r.waiting and r.snapshot()["backlog_bytes"] == 0
     assert counters["replies_dropped"] == 0 and not r.refuses(CLIENT)
 
 
@@ -223,7 +236,8 @@ def test_client_over_its_backlog_is_cut_off_until_a_send_succeeds() -> None:
         r.send(CLIENT, frames(b"%d" % i))
     assert r.refuses(CLIENT) and not r.waiting
     assert counters["clients_cut_off"] == 1 and counters["replies_dropped"] == 3
-    assert counters["reply_backlog_bytes"] == 0
+    assert r.snapshot() == {"backlog_bytes": 0, "backlog_clients": 0, "queued_large_bytes": 0,
+                            "cut_off_clients": 1}
     r.send(CLIENT, frames(b"x"))  # still not reading: dropped, not held
     assert counters["replies_dropped"] == 4 and not r.waiting
     r.send(b"other", frames(b"y"))  # others are not affected
@@ -245,7 +259,7 @@ def test_backlog_drops_replies_past_their_deadline_and_of_gone_clients() -> None
     r.flush()
     assert [m[2] for m in sock.sent] == [b"untimed"]  # the expired one was dropped
     assert counters["replies_dropped"] == 2 and counters["client_gone"] == 1
-    assert not r.waiting and counters["reply_backlog_bytes"] == 0
+    assert not r.waiting and r.snapshot()["backlog_bytes"] == 0
 
 
 def test_untimed_replies_are_held_for_the_default_deadline_only() -> None:
@@ -267,3 +281,25 @@ def test_send_to_a_gone_client_is_counted_not_raised(gone_first: bool) -> None:
     sock.gone.add(CLIENT)
     r.send(CLIENT, frames(b"late"))
     assert counters["client_gone"] == 1 and not r.waiting
+
+
+def test_large_replies_queued_in_libzmq_are_bounded_in_bytes() -> None:
+    """The pipe takes large replies only up to the byte bound; written ones free the room."""
+    r, sock, _, counters = replier(limit=3 * TRACK_MIN_BYTES)
+    big = TRACK_MIN_BYTES
+    for i in range(3):
+        r.send(CLIENT, frames(b"%d" % i, big))
+    assert len(sock.sent) == 3 and r.snapshot()["queued_large_bytes"] == 3 * big
+    r.send(CLIENT, frames(b"3", big))  # libzmq would hold 4 x 16 KiB > the bound: held here
+    assert len(sock.sent) == 3 and counters["replies_deferred"] == 1
+    r.send(CLIENT, frames(b"small"))  # behind the held one, whatever its size
+    assert len(sock.sent) == 3
+    sock.trackers[0].done = True  # the oldest was written out
+    r.flush()
+    assert [m[2] for m in sock.sent[3:]] == [b"3", b"small"]
+    assert r.snapshot()["queued_large_bytes"] == 3 * big and not r.waiting
+    for t in sock.trackers:
+        t.done = True
+    r.flush()
+    assert r.snapshot()["queued_large_bytes"] == 0 and not r.queued
+    assert counters["replies_dropped"] == 0

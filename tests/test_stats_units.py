@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from zembed import protocol as p
 from zembed.broker.metrics import LATENCY_BUCKETS_S, Histogram, LatencyWindow, LoopMeter
+from zembed.broker.replies import Replier
 from zembed.broker.state import BrokerState
 from zembed.broker.stats import BrokerStats, ConnectionCounter, LoopWatchdog, StatsPublisher
 from zembed.cache.backends import NullCache
@@ -118,6 +119,9 @@ class _Flow:
     cache = NullCache()
     cache_corrupt = 0
 
+    def __init__(self, replier: Replier) -> None:
+        self.replier = replier
+
 
 @pytest.fixture
 def broker_stats() -> Iterator[BrokerStats]:
@@ -126,7 +130,8 @@ def broker_stats() -> Iterator[BrokerStats]:
     state = BrokerState(("text", "image"))
     state.register(b"\x00a", ready("text"), 0.0)
     state.register(b"\x00b", {**ready("image", 16), "random_weights": True}, 0.0)
-    stats = BrokerStats(state, _Flow(), {"client_gone": 0},  # type: ignore[arg-type]
+    flow = _Flow(Replier(frontend, state, {"client_gone": 0}, clock=lambda: 0.0))
+    stats = BrokerStats(state, flow, {"client_gone": 0},  # type: ignore[arg-type]
                         StatsPublisher(ctx, ""), ConnectionCounter(frontend), interval_s=1.0,
                         stall_s=0, now=0.0)
     lane = state.stats["text"]

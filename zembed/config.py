@@ -88,12 +88,13 @@ class BrokerConfig:
         "reading it (TCP backpressure; bounds memory under floods)."
     )
     max_replies_queued_per_client: int = _opt(
-        64, "Replies libzmq queues per client connection (SNDHWM); past it the broker holds "
-        "replies in its own byte-bounded backlog, messages."
+        1000, "Replies libzmq queues per client connection (SNDHWM); past it replies wait in "
+        "the broker's own byte-bounded backlog, messages."
     )
     max_reply_backlog_bytes: int = _opt(
-        16 << 20, "Reply bytes the broker holds for one client that is not reading; past it the "
-        "client is cut off (backlog dropped, further requests refused until it reads), bytes."
+        16 << 20, "Per client: bytes of large replies (16 KiB+) libzmq may queue, and as many "
+        "again in the broker's backlog; past that the client is cut off (backlog dropped, its "
+        "requests refused until it reads), bytes."
     )
     default_deadline_ms: int = _opt(
         p.DEFAULT_DEADLINE_MS, "Deadline for requests that carry none, ms."
