@@ -95,7 +95,8 @@ class Broker:
         self.stats = BrokerStats(
             self.state, self.flow, self.counters, StatsPublisher(self.ctx, cfg.stats_endpoint),
             ConnectionCounter(self.frontend), interval_s=cfg.stats_interval_s,
-            stall_s=cfg.loop_stall_s, now=self.started)
+            stall_s=cfg.loop_stall_s, now=self.started,
+            curve=None if self.auth is None else self.auth.refusals)
         self._batch: list[ClientRequest] = []
         self._running = False
 

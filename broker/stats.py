@@ -30,7 +30,7 @@ from zembed.broker.flow import EmbedFlow
 from zembed.broker.metrics import LoopMeter
 from zembed.broker.state import BrokerState
 from zembed.messages import packb
-from zembed.security import CurveRefusals, refusals_of
+from zembed.security import CurveRefusals
 
 log = logging.getLogger("zembed.broker")
 
@@ -215,9 +215,8 @@ class BrokerStats:
         self.counters = counters
         self.publisher = publisher
         self.clients = clients
-        #: Refused CURVE handshakes; by default those of the authenticator that armed the
-        #: frontend's context (the broker builds it before its stats), None without CURVE.
-        self.curve = curve if curve is not None else refusals_of(clients.watched.context)
+        #: Refused CURVE handshakes (the broker's authenticator counts them); None without CURVE.
+        self.curve = curve
         self.interval_s = interval_s
         self.loop = LoopMeter(now)
         self.watchdog = LoopWatchdog(self.loop, stall_s)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,17 +212,6 @@ class _Authenticator(ThreadAuthenticator):
         return False
 
 
-#: The authenticator of each broker context, so its stats find the refusal counts.
-_BY_CONTEXT: weakref.WeakKeyDictionary[zmq.Context[Any], BrokerAuth] = \
-    weakref.WeakKeyDictionary()
-
-
-def refusals_of(ctx: zmq.Context[Any]) -> CurveRefusals | None:
-    """The refusal counts of the broker that armed sockets of ``ctx``; None without CURVE."""
-    auth = _BY_CONTEXT.get(ctx)
-    return None if auth is None else auth.refusals
-
-
 @dataclass(frozen=True)
 class ServerCurve:
     """The broker's CURVE settings: its key pair and one allowed-keys directory per socket."""
@@ -252,7 +240,6 @@ class BrokerAuth:
             self.refusals.know("client" if domain == FRONTEND_DOMAIN else "engine", keys)
             self.auth.allow_keys(domain, set(keys))
         self.auth.start()
-        _BY_CONTEXT[ctx] = self
 
     def arm(self, sock: zmq.Socket[Any], domain: str) -> None:
         """Make ``sock`` a CURVE server that only admits keys of ``domain``'s directory."""
