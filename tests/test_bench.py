@@ -144,3 +144,23 @@ def test_raw_engine_config_takes_the_served_model_over_the_config_file(tmp_path:
                                                 "pretrained": "laion2b_s34b_b79k"})
     assert tag.pretrained == "laion2b_s34b_b79k"
     assert engine_config("image", str(config), None).model == "ViT-B-32"  # no engine to ask
+
+
+def test_raw_text_measures_the_bundled_default_model_its_engine_announces(
+    shared_stack: Stack,
+) -> None:
+    """The default engine announces its bundled model by hub name: raw loads the bundle."""
+    from zembed.engines.text import resolve_model_dir
+    from zembed.tools.raw import BUNDLED_TEXT_MODEL, engine_config
+
+    assert resolve_model_dir("")[0] == BUNDLED_TEXT_MODEL
+    assert engine_config("text", None, {"model": BUNDLED_TEXT_MODEL, "dtype": "fp32"}).model == ""
+    assert engine_config("text", None, {"model": "/models/other"}).model == "/models/other"
+    out = subprocess.run(
+        [sys.executable, "-m", "zembed", "bench", "--endpoint", shared_stack.frontend,
+         "--stats-endpoint", shared_stack.stats, "--kind", "text", "--duration-s", "1",
+         "--requests", "20", "--concurrency", "1", "--raw", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    raw = json.loads(out.stdout)["raw"]["text"]
+    assert raw["forward_items_per_s@1"] > 0 and "model_mismatch" not in raw

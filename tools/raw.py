@@ -41,6 +41,10 @@ def _rate(fn: Any, per_call: int, seconds: float) -> float:
     return done / (time.perf_counter() - t0)
 
 
+#: The name a text engine announces for its default model, which ships inside a package.
+BUNDLED_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 class RawUnavailable(click.ClickException):
     """``--raw`` cannot load the model the engines serve; the message says what to pass.
 
@@ -66,8 +70,10 @@ def engine_config(kind: str, config_file: str | None, served: dict[str, Any] | N
     if not served:
         return cfg
     changes: dict[str, Any] = {}
-    if isinstance(served.get("model"), str):
-        changes["model"] = served["model"]
+    model = served.get("model")
+    if isinstance(model, str) and not (kind == p.KIND_TEXT and not cfg.model
+                                       and model == BUNDLED_TEXT_MODEL):
+        changes["model"] = model  # (the bundled default is announced by its hub name)
     if isinstance(served.get("dtype"), str):
         changes["dtype"] = served["dtype"]
     device = served.get("device")
