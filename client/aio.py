@@ -30,11 +30,6 @@ from zembed.client.images import image_items
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
 
 
-def _expire(future: asyncio.Future[Any], error: ZembedError) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
 class AsyncClient:
     """asyncio zembed client; the parameters mean what they mean for :class:`Client`."""
 
@@ -53,6 +48,7 @@ class AsyncClient:
         self._sock.connect(endpoint)
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
+        self._lost: set[int] = set()  # lost with a connection, not yet sent again
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         #: Requests sent again after a connection drop (observability, tests).
@@ -143,8 +139,7 @@ class AsyncClient:
         self._futures[rid] = future
         # A timer per request instead of asyncio.wait_for: wait_for costs a task per call,
         # which at thousands of requests/s is most of the client's CPU.
-        timer = loop.call_later(wait_s, _expire, future, DeadlineExceeded(
-            f"no answer from {self.endpoint} within the request's timeout"))
+        timer = loop.call_later(wait_s, self._expire, rid, future)
         try:
             sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames))
             if not sent.done():  # not connected yet (IMMEDIATE): wait for it, bounded
@@ -158,10 +153,23 @@ class AsyncClient:
             timer.cancel()
             self._futures.pop(rid, None)
             self._frames.pop(rid, None)
+            self._lost.discard(rid)
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: no "Future exception was never retrieved"
             else:
                 future.cancel()
+
+    def _expire(self, rid: int, future: asyncio.Future[Any]) -> None:
+        """The caller's timeout: the same errors as the sync client's."""
+        if future.done():
+            return
+        if rid in self._lost:
+            future.set_exception(EngineUnavailable(
+                f"connection to {self.endpoint} lost with the request in flight and not back "
+                "within its timeout"))
+        else:
+            future.set_exception(DeadlineExceeded(
+                f"no answer from {self.endpoint} within the request's timeout"))
 
     def _start_tasks(self) -> None:
         if self._reader is None or self._reader.done():
@@ -182,6 +190,7 @@ class AsyncClient:
                 return
             if not link.is_drop(message) or self._sock is None:
                 continue
+            self._lost.update(self._frames)
             for rid, frames in list(self._frames.items()):
                 future = self._futures.get(rid)
                 if future is None or future.done():
@@ -191,6 +200,7 @@ class AsyncClient:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if sent in done:
                     self.resubmitted += 1
+                    self._lost.discard(rid)
                 else:
                     sent.cancel()
 

@@ -26,7 +26,7 @@ from zembed.tools.net import free_port
 pytestmark = pytest.mark.slow
 
 #: How long past its timeout a call may return: scheduling slack, not a grace period.
-SLACK_S = 0.3
+SLACK_S = 0.5
 
 
 def crash_and_restart(stack: Stack, engine: Proc, down_s: float = 1.0) -> None:
@@ -111,6 +111,32 @@ def test_sync_call_fails_by_its_timeout_when_the_broker_stays_down(
             assert time.monotonic() - t0 < 2.0 + SLACK_S
         finally:
             engine.signal(signal.SIGCONT)
+
+
+def test_async_call_fails_by_its_timeout_when_the_broker_stays_down(
+    stack: tuple[Stack, Proc],
+) -> None:
+    s, engine = stack
+    assert s.broker is not None
+    broker = s.broker
+
+    async def main() -> float:
+        async with AsyncClient(s.frontend, timeout=2.0) as c:
+            await c.embed_texts(["warm"])
+            engine.signal(signal.SIGSTOP)
+            call = asyncio.ensure_future(c.embed_texts(["lost"]))
+            await asyncio.sleep(0.2)
+            broker.signal(signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(EngineUnavailable, match="lost with the request in flight"):
+                await call
+            return time.monotonic() - t0
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        engine.signal(signal.SIGCONT)
+    assert took < 2.0 + SLACK_S
 
 
 def test_async_call_fails_by_its_timeout_and_leaves_no_unretrieved_future(
