@@ -27,6 +27,9 @@ log = logging.getLogger("zembed.engine.text")
 #: Files that matter to a text model; anything else in a hub snapshot is not downloaded.
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*"]
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+#: Batch-invariant passes pad each input to a multiple of this many tokens (its bucket); measured
+#: on CPU (benchmarks/README.md), 8 beat exact lengths (too many small passes) and 16 (padding).
+BUCKET_TOKENS = 8
 WARMUP_TEXT = "A short product title with a few words, about as long as a search query."
 
 
@@ -113,6 +116,7 @@ class TextModel:
         self.max_length = self._max_length(cfg, model_dir)
         self.dim = int(self.model.config.hidden_size)
         self.prefixes = {"query": cfg.query_prefix, "document": cfg.document_prefix}
+        self.batch_invariant = cfg.batch_invariant
         self.lane = cfg.lane
         self._fingerprint = self._make_fingerprint(weights_hash(model_dir))
 
@@ -125,6 +129,8 @@ class TextModel:
         return limit
 
     def _make_fingerprint(self, weights: str) -> str:
+        # batch_invariant is left out on purpose: both modes compute the same function, only the
+        # padding (so the last bits) differs (docs/cache.md); they share cache entries.
         facts = {"model": self.name, "weights": weights, "dim": self.dim,
                  "pooling": self.pooling, "max_length": self.max_length,
                  "prefixes": self.prefixes, "dtype": dtype_name(self.dtype)}
@@ -139,13 +145,13 @@ class TextModel:
         """Facts for READY and stats."""
         return {"model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "pooling": self.pooling, "max_length": self.max_length,
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "batch_invariant": self.batch_invariant}
 
     def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
         """Token ids per item: the configured query/document prefix, then the tokenizer.
 
-        Truncated to ``max_length``; padding waits for batch formation, which pads each forward
-        chunk only to its own longest item.
+        Truncated to ``max_length``; padding, if any, waits for the forward pass (see
+        :meth:`forward`).
         """
         prefix = self.prefixes.get(input_type or "", "")
         texts = [prefix + t for t in items] if prefix else list(items)
@@ -160,12 +166,41 @@ class TextModel:
         """Tokens: batches are sorted by length and cut by a token budget."""
         return len(prepared)
 
-    @torch.inference_mode()
     def forward(self, kind: str, inputs: list[Any]) -> npt.NDArray[np.float32]:
-        """Pad token ids to the longest in this chunk, run the transformer, pool in fp32."""
-        longest = max(len(ids) for ids in inputs)
-        ids = np.full((len(inputs), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(inputs), longest), dtype=np.int64)
+        """Embed a chunk: one pass per length bucket when batch-invariant, else one padded pass.
+
+        Padding is the one thing measured to change an input's bits on CPU, in fp32 and bf16;
+        batch size and thread count did not (benchmarks/README.md). So, batch-invariant, every
+        input is padded to its own bucket (:meth:`padded_length`), whatever else is in the
+        chunk, and only inputs of one bucket share a pass: its vector is the one it gets alone.
+        Otherwise the chunk is padded to its longest input, and an input's last bits depend on
+        its company.
+        """
+        if not self.batch_invariant:
+            return self._pass(inputs, max(len(ids) for ids in inputs))
+        buckets: dict[int, list[int]] = {}
+        for i, seq in enumerate(inputs):
+            buckets.setdefault(self.padded_length(len(seq)), []).append(i)
+        if len(buckets) == 1:
+            return self._pass(inputs, next(iter(buckets)))
+        out = np.empty((len(inputs), self.dim), dtype=np.float32)
+        for width, rows in buckets.items():
+            out[rows] = self._pass([inputs[i] for i in rows], width)
+        return out
+
+    def padded_length(self, tokens: int) -> int:
+        """An input's width in a batch-invariant pass: a function of its own length only.
+
+        Rounded up to a multiple of :data:`BUCKET_TOKENS` (never past ``max_length``): measured,
+        that pays for itself, since fewer, fuller passes win back more than the padding costs.
+        """
+        return max(tokens, min(-(-tokens // BUCKET_TOKENS) * BUCKET_TOKENS, self.max_length))
+
+    @torch.inference_mode()
+    def _pass(self, inputs: list[Any], width: int) -> npt.NDArray[np.float32]:
+        """Pad token ids to ``width``, run the transformer, pool the real tokens in fp32."""
+        ids = np.full((len(inputs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(inputs), width), dtype=np.int64)
         for row, seq in enumerate(inputs):
             ids[row, :len(seq)] = seq
             mask[row, :len(seq)] = 1

@@ -91,3 +91,16 @@ def test_unknown_hub_model_gives_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="not a local directory"):
         resolve_model_dir("no-such-org/no-such-model-zembed")
+
+
+def test_batch_invariant_is_announced_and_shares_the_fingerprint(base: TextModel) -> None:
+    """Both modes compute the same function, only their padding (last bits) differs, so they
+    share cache entries: the mode is in READY's facts, not in the fingerprint."""
+    padded = TextModel(TextEngineConfig(threads=1, batch_invariant=False))
+    assert base.describe()["batch_invariant"] is True
+    assert padded.describe()["batch_invariant"] is False
+    assert padded.fingerprint("text") == base.fingerprint("text")
+    texts = [*TEXTS, "word " * 300]
+    a, b = base.encode(texts), padded.encode(texts)
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.9999

@@ -152,6 +152,11 @@ class TextEngineConfig:
     )
     max_wait_ms: float = _shared_opt("max_wait_ms")
     max_length: int = _opt(0, "Truncate inputs to this many tokens; 0 = the model's own limit.")
+    batch_invariant: bool = _opt(
+        True, "Pad each input to its own length bucket (a multiple of 8 tokens) and run only one "
+        "bucket per transformer pass, so an input's vector never depends on what it was batched "
+        "with (docs/cache.md); off = pad each pass to its longest input."
+    )
     query_prefix: str = _opt("", "Text prepended to items sent with input_type=query.")
     document_prefix: str = _opt("", "Text prepended to items sent with input_type=document.")
     heartbeat_interval_ms: int = _shared_opt("heartbeat_interval_ms")
