@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -28,6 +28,9 @@ from zembed.client.codec import (
 )
 from zembed.client.images import image_items
 from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+
+#: While no connection is up, a send is tried again this often.
+SEND_RETRY_S = 0.02
 
 
 class AsyncClient:
@@ -141,12 +144,8 @@ class AsyncClient:
         # which at thousands of requests/s is most of the client's CPU.
         timer = loop.call_later(wait_s, self._expire, rid, future)
         try:
-            sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames))
-            if not sent.done():  # not connected yet (IMMEDIATE): wait for it, bounded
-                await asyncio.wait([sent, future], return_when=asyncio.FIRST_COMPLETED)
-                if not sent.done():
-                    sent.cancel()
-                    raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
+            if not await self._send_when_up(frames, future):
+                raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
             self._frames[rid] = frames
             return await future
         finally:
@@ -158,6 +157,21 @@ class AsyncClient:
                 future.exception()  # retrieved: no "Future exception was never retrieved"
             else:
                 future.cancel()
+
+    async def _send_when_up(self, frames: list[bytes], future: asyncio.Future[Any]) -> bool:
+        """Send once a connection is up; False if ``future`` finished first (its timeout).
+
+        Non-blocking tries, ``SEND_RETRY_S`` apart, while no connection is up (IMMEDIATE), rather
+        than one send future that waits for the socket to wake it: under load, a request sent
+        again after a broker restart once sat that way until its timeout; a loop cannot miss.
+        """
+        while not future.done() and self._sock is not None:
+            try:
+                await self._sock.send_multipart(frames, flags=zmq.DONTWAIT)
+                return True
+            except zmq.Again:
+                await asyncio.sleep(SEND_RETRY_S)
+        return False
 
     def _expire(self, rid: int, future: asyncio.Future[Any]) -> None:
         """The caller's timeout: the same errors as the sync client's."""
@@ -180,7 +194,7 @@ class AsyncClient:
     async def _watch_link(self) -> None:
         """On a connection drop, send every request in flight again (embedding is pure).
 
-        The send waits for the new connection; each request's own timer still bounds it.
+        The sends wait for the new connection; each request's own timer still bounds them.
         """
         monitor = self._monitor
         while not monitor.closed:
@@ -195,14 +209,9 @@ class AsyncClient:
                 future = self._futures.get(rid)
                 if future is None or future.done():
                     continue
-                sent = cast("asyncio.Future[Any]", self._sock.send_multipart(frames))
-                done, _ = await asyncio.wait([sent, future],
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if sent in done:
+                if await self._send_when_up(frames, future):
                     self.resubmitted += 1
                     self._lost.discard(rid)
-                else:
-                    sent.cancel()
 
     async def _read_replies(self) -> None:
         sock = self._sock
