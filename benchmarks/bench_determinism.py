@@ -139,6 +139,28 @@ def probe_model(model: Any, groups: dict[int, list[list[int]]], tally: Tally) ->
                           forward([long_text, *others[:6], text])[-1])
 
 
+def probe_small_passes(models: dict[bool, Any], groups: dict[int, list[list[int]]]) -> None:
+    """Per length, the batch sizes at which a text differs from itself alone: unpadded
+    (equal-length mates, padded mode) and in its 8-token bucket (mates of other lengths)."""
+    print("\nbatch sizes 2..33 at which a text differs from itself alone, 2 threads")
+    for L in (5, 7, 9, 12, 13, 20, 21, 24, 100, 129):
+        text, others = groups[L][0], groups[L][1:]
+        width = models[True].padded_length(L)
+        near = [x for k in range(width - 7, width + 1) if k != L for x in groups.get(k, [])[:4]]
+        exact_ref = models[False].forward(p.KIND_TEXT, [text])[0]
+        bucket_ref = models[True].forward(p.KIND_TEXT, [text])[0]
+        exact, bucket = [], []
+        for b in (2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33):
+            got = models[False].forward(p.KIND_TEXT, [text, *others[:b - 1]])[0]
+            if not np.array_equal(got, exact_ref):
+                exact.append(b)
+            got = models[True].forward(p.KIND_TEXT, [*(near * 10)[:b - 1], text])[-1]
+            if not np.array_equal(got, bucket_ref):
+                bucket.append(b)
+        print(f"  {L:3d} tokens: unpadded {exact or 'none'}; in its {width}-token bucket "
+              f"{bucket or 'none'}")
+
+
 def probe(dtype: str) -> None:
     """Bits of one text alone and in company, per mode and thread count."""
     import torch
@@ -160,6 +182,7 @@ def probe(dtype: str) -> None:
             tally.print(f"batch_invariant={mode}, {threads} thread(s): vs the same text alone")
         alone[threads] = [models[True].forward(p.KIND_TEXT, [groups[L][0]])[0] for L in LENGTHS]
         alone[threads] += [models[True].forward(p.KIND_TEXT, groups[L][:32])[0] for L in LENGTHS]
+    probe_small_passes(models, groups)
     tally = Tally()
     for a, b in zip(alone[1], alone[2], strict=True):
         tally.add("alone and in equal-length batches of 32", a, b)

@@ -27,8 +27,10 @@ log = logging.getLogger("zembed.engine.text")
 #: Files that matter to a text model; anything else in a hub snapshot is not downloaded.
 _HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*"]
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
-#: Batch-invariant passes pad each input to a multiple of this many tokens (its bucket); measured
-#: on CPU (benchmarks/README.md), 8 beat exact lengths (too many small passes) and 16 (padding).
+#: Batch-invariant passes pad each input to a multiple of this many tokens (its bucket). Measured
+#: on CPU (benchmarks/README.md): it keeps every pass's row count a multiple of 8 (exact lengths
+#: were not batch-invariant in fp32 with 2 threads), and it was faster than exact lengths (too
+#: many small passes) or 16 (too much padding).
 BUCKET_TOKENS = 8
 WARMUP_TEXT = "A short product title with a few words, about as long as a search query."
 
@@ -169,10 +171,11 @@ class TextModel:
     def forward(self, kind: str, inputs: list[Any]) -> npt.NDArray[np.float32]:
         """Embed a chunk: one pass per length bucket when batch-invariant, else one padded pass.
 
-        Padding is the one thing measured to change an input's bits on CPU, in fp32 and bf16;
-        batch size and thread count did not (benchmarks/README.md). So, batch-invariant, every
-        input is padded to its own bucket (:meth:`padded_length`), whatever else is in the
-        chunk, and only inputs of one bucket share a pass: its vector is the one it gets alone.
+        Measured on CPU (benchmarks/README.md), padding changes an input's bits, and so, in
+        fp32 with 2 threads, does the row count of a pass that is not a multiple of 8 (a lone
+        5-token text); 1 or 2 threads as such did not. So, batch-invariant, every input is padded
+        to its own bucket (:meth:`padded_length`), whatever else is in the chunk, and only
+        inputs of one bucket share a pass: its vector is the one it gets alone.
         Otherwise the chunk is padded to its longest input, and an input's last bits depend on
         its company.
         """

@@ -30,6 +30,8 @@ _rng = random.Random(11)
 #: Token counts from 3 to 256: a multiple of the bucket width and not, a query, a title, a page.
 TARGETS = [
     "red shoes",
+    "red running shoes",  # 5 tokens: alone, fp32 on 2 threads computed it apart when unpadded
+    "slim fit cotton shirt for men",
     "How do I reset my password?",
     "waterproof leather trail running shoes for women, size 8, dark green",
     " ".join(_rng.choices(WORDS, k=13)),
@@ -38,6 +40,7 @@ TARGETS = [
 ]
 SHORT = ["kettle", "phone case", "slim fit shirt", "gift set", "lamp", "two pack", "desk"]
 LONG = " ".join(_rng.choices(WORDS, k=400))  # truncated to the model's 256 tokens
+NEAR = [" ".join(_rng.choices(WORDS, k=k)) for k in range(1, 13) for _ in range(2)]  # 3-15 tokens
 MIXED = [" ".join(_rng.choices(WORDS, k=_rng.randint(1, 60))) for _ in range(26)]
 ROW_BYTES = 2 * 384  # one BF16 vector
 
@@ -56,6 +59,7 @@ def companies(text: str) -> dict[str, list[list[str]]]:
     """The same text in different company; the text is always the last item of request 0."""
     return {
         "with short texts": [[*SHORT, text]],
+        "with texts of 1 to 12 words, some of its length": [[*NEAR, text]],
         "with a long text": [[LONG, text]],
         "in a 32-item request of mixed lengths": [[*MIXED[:20], LONG, *SHORT[:4], "", text]],
         "next to a long request in the same batch": [[text], [LONG, *MIXED[:5]]],
@@ -70,11 +74,18 @@ def runner(request: pytest.FixtureRequest) -> Iterator[BatchRunner]:
     torch.set_num_threads(1)
 
 
-def test_same_bits_alone_and_in_any_company(runner: BatchRunner) -> None:
-    for text in TARGETS:
-        alone = rows(runner, [[text]])[0][0]
-        for name, requests in companies(text).items():
-            assert rows(runner, requests)[0][-1] == alone, f"{text[:30]!r} {name}"
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_bits_alone_and_in_any_company(runner: BatchRunner, threads: int) -> None:
+    """With 2 threads in fp32, unpadded passes of a few rows were measured to differ from larger
+    ones (benchmarks/README.md); the 8-token buckets must hold there too."""
+    torch.set_num_threads(threads)
+    try:
+        for text in TARGETS:
+            alone = rows(runner, [[text]])[0][0]
+            for name, requests in companies(text).items():
+                assert rows(runner, requests)[0][-1] == alone, f"{text[:30]!r} {name}"
+    finally:
+        torch.set_num_threads(1)
 
 
 def test_same_bits_with_one_and_two_threads(runner: BatchRunner) -> None:
