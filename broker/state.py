@@ -365,6 +365,7 @@ class BrokerState:
             "kinds": sorted(e.kinds), "device": e.info.get("device"),
             "random_weights": bool(e.info.get("random_weights", False)),
             "pretrained": e.info.get("pretrained"), "dtype": e.info.get("dtype"),
+            "batch_invariant": e.info.get("batch_invariant"),
             "warmup_items_per_s": e.info.get("warmup_items_per_s"),
             "credits_total": e.credits_total, "credits_free": e.credits_free,
             "items_in_flight": e.credits_total - e.credits_free,

@@ -79,6 +79,8 @@ def engine_config(kind: str, config_file: str | None, served: dict[str, Any] | N
     device = served.get("device")
     if isinstance(device, str) and (device == "cpu" or _has_cuda(device)):
         changes["device"] = device
+    if kind == p.KIND_TEXT and isinstance(served.get("batch_invariant"), bool):
+        changes["batch_invariant"] = served["batch_invariant"]
     if kind != p.KIND_TEXT:
         random_weights = bool(served.get("random_weights"))
         changes["random_weights"] = random_weights
