@@ -44,11 +44,15 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._sock: zmq.asyncio.Socket | None = (
-            ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        link.configure(self._sock, curve_secret_key, curve_server_key)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sock.connect(endpoint)
+        sock = (ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
+        try:
+            link.configure(sock, curve_secret_key, curve_server_key)
+            self._monitor = link.open_monitor(sock)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._sock: zmq.asyncio.Socket | None = sock
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
         self._lost: set[int] = set()  # lost with a connection, not yet sent again
@@ -239,8 +243,7 @@ class AsyncClient:
             if not future.done():
                 future.set_exception(ConnectionClosed("client closed"))
         if self._sock is not None:
-            self._monitor.close(linger=0)
-            self._sock.close(linger=0)
+            link.close(self._sock, self._monitor)
             self._sock = None
 
     async def __aenter__(self) -> AsyncClient:

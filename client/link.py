@@ -14,7 +14,10 @@ into a closed connection within ``HEARTBEAT_TIMEOUT_MS``, so that case is notice
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import itertools
+import os
+from typing import Any, TypeVar, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -37,6 +40,34 @@ def configure(sock: zmq.Socket[Any], curve_secret_key: str, curve_server_key: st
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
     arm_client(sock, curve_secret_key, curve_server_key)
+
+
+_monitors = itertools.count(1)
+#: A sync or an asyncio socket: the monitor is of the same flavour (same context class).
+S = TypeVar("S", bound="zmq.Socket[Any]")
+
+
+def open_monitor(sock: S) -> S:
+    """A PAIR socket that receives ``sock``'s connection drops (call before connecting).
+
+    The inproc address is unique per process and call. pyzmq's ``get_monitor_socket`` names it
+    after the socket's file descriptor, which the OS reuses: a client created right after
+    another was closed could find that address still bound (EADDRINUSE, seen in CI).
+    """
+    addr = f"inproc://zembed-monitor-{os.getpid()}-{next(_monitors)}"
+    sock.monitor(addr, zmq.EVENT_DISCONNECTED)
+    pair = cast(S, sock.context.socket(zmq.PAIR))
+    pair.setsockopt(zmq.LINGER, 0)
+    pair.connect(addr)
+    return pair
+
+
+def close(sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+    """Stop monitoring, then close both sockets at once (linger 0)."""
+    with contextlib.suppress(zmq.ZMQError):
+        sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 def is_drop(message: list[bytes]) -> bool:

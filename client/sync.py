@@ -70,10 +70,15 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._sock: zmq.Socket[Any] | None = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
-        link.configure(self._sock, curve_secret_key, curve_server_key)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self._sock.connect(endpoint)
+        sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
+        try:
+            link.configure(sock, curve_secret_key, curve_server_key)
+            self._monitor = link.open_monitor(sock)
+            sock.connect(endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        self._sock: zmq.Socket[Any] | None = sock
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._waiting: dict[int, Pending] = {}
         self._lost: dict[int, Pending] = {}  # sent on a connection that dropped: send again
@@ -261,8 +266,7 @@ class Client:
     def close(self) -> None:
         """Close the socket at once (linger 0); later calls raise ConnectionClosed."""
         if self._sock is not None:
-            self._monitor.close(linger=0)
-            self._sock.close(linger=0)
+            link.close(self._sock, self._monitor)
             self._sock = None
 
     def __enter__(self) -> Client:

@@ -195,3 +195,17 @@ def test_silent_broker_gives_deadline_exceeded_at_the_timeout_not_after(
     took_async = asyncio.run(main())
     for took in (took_sync, took_async):
         assert timeout - 0.05 <= took < timeout + SLACK_S
+
+
+def test_clients_created_and_closed_in_quick_succession_never_collide() -> None:
+    """Each client's connection monitor has an address of its own (CI once hit EADDRINUSE
+    when a new client reused a just-closed socket's file descriptor)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    for _ in range(300):
+        Client(endpoint, timeout=0.1).close()
+
+    async def many() -> None:
+        for _ in range(100):
+            await AsyncClient(endpoint, timeout=0.1).close()
+
+    asyncio.run(many())
