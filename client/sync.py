@@ -35,15 +35,13 @@ from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable,
 class Pending:
     """A submitted request: pass it to :meth:`Client.result`.
 
-    ``deadline`` is the caller's: the client never waits past it. ``reached`` says whether a
-    connection to a broker took the request (so a give-up can say which failure it was).
+    ``deadline`` is the caller's: the client never waits past it.
     """
 
     id: int
     frames: list[bytes]
     deadline: float
     op: str = p.OP_EMBED
-    reached: bool = False
 
 
 class Client:
@@ -195,7 +193,6 @@ class Client:
         if not sock.poll(max(left_ms, 0), zmq.POLLOUT):
             raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
         sock.send_multipart(pending.frames, zmq.DONTWAIT)
-        pending.reached = True
         self._waiting[pending.id] = pending
 
     def _wait(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
