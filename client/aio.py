@@ -45,13 +45,7 @@ class AsyncClient:
         self.retries = retries
         self.backoff = backoff
         sock = (ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        try:
-            link.configure(sock, curve_secret_key, curve_server_key)
-            self._monitor = link.open_monitor(sock)
-            sock.connect(endpoint)
-        except BaseException:
-            sock.close(linger=0)
-            raise
+        self._monitor = link.dial(sock, endpoint, curve_secret_key, curve_server_key)
         self._sock: zmq.asyncio.Socket | None = sock
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
@@ -181,7 +175,7 @@ class AsyncClient:
         """The caller's timeout: the same errors as the sync client's."""
         if future.done():
             return
-        if rid in self._lost:
+        if rid in self._lost or self._sock is None or not link.connected(self._sock):
             future.set_exception(EngineUnavailable(
                 f"connection to {self.endpoint} lost with the request in flight and not back "
                 "within its timeout"))

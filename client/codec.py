@@ -82,7 +82,10 @@ def reply_id(frames: list[bytes]) -> tuple[int | None, dict[str, Any]]:
         header = msgpack.unpackb(frames[1], raw=False)
     except Exception:
         return None, {}
-    if not isinstance(header, dict):
+    if not isinstance(header, dict) or not isinstance(header.get("status"), int):
+        # Every reply has a status; without one it is not a reply. (While a broker stays down,
+        # a reconnect was seen to come up briefly on its old port; if that was the socket
+        # meeting itself, TCP's simultaneous open, our own request would come back.)
         return None, {}
     rid = header.get("id")
     return (rid if isinstance(rid, int) else None), header

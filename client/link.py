@@ -30,6 +30,22 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 
 
+def dial(sock: S, endpoint: str, curve_secret_key: str, curve_server_key: str) -> S:
+    """Configure and connect a client DEALER; returns its drop monitor (see open_monitor).
+
+    On any failure (bad keys, bad endpoint) the socket is closed before the error goes up, so
+    a client that could not be built leaves no socket behind.
+    """
+    try:
+        configure(sock, curve_secret_key, curve_server_key)
+        monitor = open_monitor(sock)
+        sock.connect(endpoint)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return monitor
+
+
 def configure(sock: zmq.Socket[Any], curve_secret_key: str, curve_server_key: str) -> None:
     """Options every client DEALER gets before it connects."""
     sock.setsockopt(zmq.LINGER, 0)
@@ -68,6 +84,16 @@ def close(sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         sock.disable_monitor()
     monitor.close(linger=0)
     sock.close(linger=0)
+
+
+def connected(sock: zmq.Socket[Any]) -> bool:
+    """True while a connection to the broker is up (with IMMEDIATE, POLLOUT means one is).
+
+    At a timeout this tells "no broker reachable" from "a broker had it and did not answer".
+    The lost-request table alone cannot: with a broker gone for good, a reconnect on its old
+    port was seen to come up for a moment and take the resubmitted request, then drop again.
+    """
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
 
 
 def is_drop(message: list[bytes]) -> bool:

@@ -69,13 +69,7 @@ class Client:
         self.retries = retries
         self.backoff = backoff
         sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
-        try:
-            link.configure(sock, curve_secret_key, curve_server_key)
-            self._monitor = link.open_monitor(sock)
-            sock.connect(endpoint)
-        except BaseException:
-            sock.close(linger=0)
-            raise
+        self._monitor = link.dial(sock, endpoint, curve_secret_key, curve_server_key)
         self._sock: zmq.Socket[Any] | None = sock
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._waiting: dict[int, Pending] = {}
@@ -219,7 +213,8 @@ class Client:
             self._lost.pop(pending.id, None)
 
     def _gave_up(self, pending: Pending) -> ZembedError:
-        if pending.id in self._lost:
+        self._note_drops()
+        if pending.id in self._lost or not link.connected(self._socket()):
             return EngineUnavailable(
                 f"connection to {self.endpoint} lost with the request in flight and not back "
                 "within its timeout")

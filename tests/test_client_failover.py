@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 import pytest
 from conftest import Proc, Stack
 
@@ -209,3 +210,13 @@ def test_clients_created_and_closed_in_quick_succession_never_collide() -> None:
             await AsyncClient(endpoint, timeout=0.1).close()
 
     asyncio.run(many())
+
+
+def test_a_message_without_status_is_not_taken_for_a_reply() -> None:
+    from zembed.client.codec import embed_frames, reply_id
+
+    request = embed_frames(7, "text", "text", ["x"], normalize=True, dtype="f32",
+                           timeout_s=1.0, input_type=None)
+    assert reply_id(request) == (None, {})  # our own request, echoed, is not an answer
+    answer = [request[0], msgpack.packb({"id": 7, "status": 503, "error": "e"}), b""]
+    assert reply_id(answer)[0] == 7
