@@ -46,6 +46,7 @@ class AsyncClient:
         self.backoff = backoff
         sock = (ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
         self._monitor = link.dial(sock, endpoint, curve_secret_key, curve_server_key)
+        self._link = link.LinkEvents()
         self._sock: zmq.asyncio.Socket | None = sock
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
@@ -200,7 +201,7 @@ class AsyncClient:
                 message = await monitor.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
-            if not link.is_drop(message) or self._sock is None:
+            if not self._link.lost(message) or self._sock is None:
                 continue
             self._lost.update(self._frames)
             for rid, frames in list(self._frames.items()):

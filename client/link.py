@@ -7,9 +7,12 @@ caller's timeout; a reply that still arrives for the first copy is simply the an
 second one is dropped (ids are matched once).
 
 ZeroMQ reconnects by itself and says nothing to the application; a socket monitor reports the
-drop (``EVENT_DISCONNECTED``). A broker process that dies has its connections closed by the
-kernel at once; ZMTP heartbeats (PING/PONG, RFC 37) turn a *silent* peer (host down, link cut)
-into a closed connection within ``HEARTBEAT_TIMEOUT_MS``, so that case is noticed too.
+drop (``EVENT_DISCONNECTED``) and every new connection (``EVENT_HANDSHAKE_SUCCEEDED``). A client
+has one endpoint, so one connection: a new one means the earlier one is gone, and what was
+sent on it is lost even if its drop was not seen in time (:class:`LinkEvents`). A broker
+process that dies has its connections closed by the kernel at once; ZMTP heartbeats
+(PING/PONG, RFC 37) turn a *silent* peer (host down, link cut) into a closed connection within
+``HEARTBEAT_TIMEOUT_MS``, so that case is noticed too.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def open_monitor(sock: S) -> S:
     another was closed could find that address still bound (EADDRINUSE, seen in CI).
     """
     addr = f"inproc://zembed-monitor-{os.getpid()}-{next(_monitors)}"
-    sock.monitor(addr, zmq.EVENT_DISCONNECTED)
+    sock.monitor(addr, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
     pair = cast(S, sock.context.socket(zmq.PAIR))
     pair.setsockopt(zmq.LINGER, 0)
     pair.connect(addr)
@@ -96,9 +99,23 @@ def connected(sock: zmq.Socket[Any]) -> bool:
     return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
 
 
-def is_drop(message: list[bytes]) -> bool:
-    """True if a monitor message says a connection to the broker went away."""
-    try:
-        return bool(parse_monitor_message(message)["event"] == zmq.EVENT_DISCONNECTED)
-    except Exception:  # a malformed monitor frame is not a drop
-        return False
+class LinkEvents:
+    """Reads monitor messages as "what is in flight was lost": a drop, or a new connection.
+
+    The first connection is not a loss (nothing was sent before it). Every later one is: a
+    broker restarted under a CI load once came back without the client having acted on the
+    drop, and its request waited for an answer that could not come until the timeout.
+    """
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def lost(self, message: list[bytes]) -> bool:
+        try:
+            event = parse_monitor_message(message)["event"]
+        except Exception:  # a malformed monitor frame says nothing
+            return False
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.connections += 1
+            return self.connections > 1
+        return bool(event == zmq.EVENT_DISCONNECTED)

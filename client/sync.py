@@ -70,6 +70,7 @@ class Client:
         self.backoff = backoff
         sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
         self._monitor = link.dial(sock, endpoint, curve_secret_key, curve_server_key)
+        self._link = link.LinkEvents()
         self._sock: zmq.Socket[Any] | None = sock
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._waiting: dict[int, Pending] = {}
@@ -225,7 +226,7 @@ class Client:
         dropped = False
         while True:
             try:
-                dropped |= link.is_drop(self._monitor.recv_multipart(zmq.NOBLOCK))
+                dropped |= self._link.lost(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
         if dropped:
