@@ -3,6 +3,7 @@
 Only pyzmq, msgpack and numpy are needed on the client side.
 """
 
+from zembed.cache.bf16 import from_bf16
 from zembed.client.aio import AsyncClient
 from zembed.client.codec import EmbedResult
 from zembed.client.sync import Client, Pending
@@ -21,5 +22,5 @@ from zembed.errors import (
 __all__ = [
     "AsyncClient", "BadRequest", "Client", "ConnectionClosed", "DeadlineExceeded", "EmbedResult",
     "EngineError", "EngineUnavailable", "Overloaded", "Pending", "TooLarge", "UnknownLane",
-    "ZembedError",
+    "ZembedError", "from_bf16",
 ]

@@ -18,6 +18,7 @@ from zembed import protocol as p
 from zembed.client import link
 from zembed.client.codec import (
     EmbedResult,
+    Vectors,
     decode_embed,
     decode_op,
     embed_frames,
@@ -58,7 +59,7 @@ class AsyncClient:
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
-                          timeout: float | None = None) -> Any:
+                          timeout: float | None = None) -> Vectors:
         """Embed texts on the text lane: float32 array ``(len(texts), dim)``."""
         result = await self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize,
                                   dtype=dtype, input_type=input_type, timeout=timeout)
@@ -77,7 +78,7 @@ class AsyncClient:
                           dtype=dtype, timeout=timeout)
 
     async def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
-                         dtype: str = "f32", timeout: float | None = None) -> Any:
+                         dtype: str = "f32", timeout: float | None = None) -> Vectors:
         """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
         result = await self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
                                 dtype=dtype, timeout=timeout)

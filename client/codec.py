@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ from zembed.errors import BadRequest, ZembedError, error_for
 from zembed.messages import packb
 
 _ids = itertools.count(1)
+
+#: What the embed calls return: float32 ``(n, dim)``, or uint16 BF16 words for ``dtype="bf16"``.
+Vectors = npt.NDArray[Any]
 
 
 def next_id() -> int:
@@ -34,7 +38,7 @@ class EmbedResult:
     (status, message) for failed items.
     """
 
-    vectors: npt.NDArray[Any]
+    vectors: Vectors
     cached: int = 0
     item_errors: dict[int, tuple[int, str]] = field(default_factory=dict)
     cached_items: list[int] = field(default_factory=list)
@@ -99,7 +103,9 @@ def decode_embed(header: dict[str, Any], body: bytes) -> EmbedResult:
                         header.get("retry_after_ms"))
     rows, dim = header["shape"]
     dtype = np.dtype("<f4") if header["dtype"] == p.DTYPE_F32 else np.dtype("<u2")
-    vectors = np.frombuffer(body, dtype=dtype).reshape(rows, dim)
+    # A copy: frombuffer over the received bytes is read-only, and callers normalise, stack
+    # or write into their vectors (the copy is small beside the network transfer).
+    vectors = np.frombuffer(body, dtype=dtype).reshape(rows, dim).copy()
     errors = {int(i): (int(s), str(m)) for i, s, m in header.get("item_errors") or []}
     return EmbedResult(vectors, int(header.get("cached", 0)), errors,
                        [int(i) for i in header.get("cached_idx") or []])
@@ -118,14 +124,20 @@ def decode_op(header: dict[str, Any], body: bytes, *, raise_on_error: bool) -> d
     return data
 
 
-def retry_delay(exc: ZembedError, attempt: int, backoff_s: float) -> float | None:
+def retry_delay(exc: ZembedError, attempt: int, backoff_s: float,
+                rand: Callable[[], float] = random.random) -> float | None:
     """Seconds to wait before retrying after ``exc``, or None if it is not worth retrying.
 
     429 honours the broker's ``retry_after``; 503 (no engine, engine lost) backs off
-    exponentially. Everything else is the caller's problem, not a transient one.
+    exponentially. Everything else is the caller's problem, not a transient one. Each delay
+    is stretched by a random 0 to 50 % (``rand`` in [0, 1)), so clients refused in the same turn
+    do not all come back in the same turn ("equal jitter": never shorter than the broker's
+    estimate, spread over half of it again).
     """
     if exc.status == p.OVERLOADED:
-        return max(float(getattr(exc, "retry_after", 0.0)), backoff_s * 2.0**attempt / 4)
-    if exc.status == p.UNAVAILABLE:
-        return float(backoff_s * 2.0**attempt)
-    return None
+        base = max(float(getattr(exc, "retry_after", 0.0)), backoff_s * 2.0**attempt / 4)
+    elif exc.status == p.UNAVAILABLE:
+        base = float(backoff_s * 2.0**attempt)
+    else:
+        return None
+    return base * (1.0 + rand() / 2)

@@ -19,6 +19,7 @@ from zembed import protocol as p
 from zembed.client import link
 from zembed.client.codec import (
     EmbedResult,
+    Vectors,
     decode_embed,
     decode_op,
     embed_frames,
@@ -81,7 +82,7 @@ class Client:
     # -- embedding -------------------------------------------------------------------------
 
     def embed_texts(self, texts: Sequence[str], *, normalize: bool = True, dtype: str = "f32",
-                    input_type: str | None = None, timeout: float | None = None) -> Any:
+                    input_type: str | None = None, timeout: float | None = None) -> Vectors:
         """Embed texts on the text lane: float32 array ``(len(texts), dim)``.
 
         :param input_type: ``"query"`` or ``"document"`` to apply the engine's prefixes.
@@ -102,7 +103,7 @@ class Client:
                           dtype=dtype, timeout=timeout)
 
     def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
-                         dtype: str = "f32", timeout: float | None = None) -> Any:
+                         dtype: str = "f32", timeout: float | None = None) -> Vectors:
         """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
         result = self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
                                 dtype=dtype, timeout=timeout)
