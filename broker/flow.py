@@ -18,7 +18,7 @@ import zmq
 
 from zembed import protocol as p
 from zembed.broker.pending import ClientRequest, PendingTable, item_errors_by_position
-from zembed.broker.replies import Replier, SendSocket
+from zembed.broker.replies import Replier, SendSocket, retry_after_ms
 from zembed.broker.state import BrokerState, Engine, Inflight
 from zembed.cache.backends import Cache
 from zembed.cache.keys import item_keys, key_prefix
@@ -143,9 +143,7 @@ class EmbedFlow:
         try:
             engine = self.state.admit(req.lane, len(plan.send), now)
         except ZembedError as exc:
-            retry = getattr(exc, "retry_after", None)
-            self.replier.request_error(req, exc.status, exc.message,
-                                       None if retry is None else math.ceil(retry * 1000))
+            self.replier.request_error(req, exc.status, exc.message, retry_after_ms(exc))
             return None
         flight = self.state.dispatch(engine, len(plan.send), req.deadline, now)
         self.pending.launch(flight.token, req, plan)

@@ -24,6 +24,7 @@ given up on them. The clock and the socket come from outside, so tests drive bot
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from zembed import protocol as p
 from zembed.broker.pending import ClientRequest
 from zembed.broker.state import BrokerState
 from zembed.cache.bf16 import from_bf16
+from zembed.errors import ZembedError
 from zembed.messages import reply_header
 
 log = logging.getLogger("zembed.broker")
@@ -88,6 +90,12 @@ class Backlog:
 
     def pop(self) -> None:
         self.size -= self.replies.popleft()[2]
+
+
+def retry_after_ms(exc: ZembedError) -> int | None:
+    """``retry_after_ms`` for the reply to ``exc`` (only an Overloaded carries one)."""
+    retry = getattr(exc, "retry_after", None)
+    return None if retry is None else math.ceil(retry * 1000)
 
 
 def _size(frames: list[Any]) -> int:

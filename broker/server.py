@@ -22,7 +22,7 @@ from zembed import __version__
 from zembed import protocol as p
 from zembed.broker.flow import EmbedFlow, send_engine
 from zembed.broker.pending import ClientRequest
-from zembed.broker.replies import Replier
+from zembed.broker.replies import Replier, retry_after_ms
 from zembed.broker.state import BrokerState
 from zembed.broker.stats import BrokerStats, ConnectionCounter, StatsPublisher
 from zembed.cache.backends import Cache, open_cache
@@ -255,9 +255,8 @@ class Broker:
                 rid = exc.rid
             if exc.status == p.BAD_REQUEST:
                 self.counters["bad_client_frames"] += 1
-            retry = getattr(exc, "retry_after", None)
             self.replier.error(identity, rid, lane, exc.status, exc.message, n,
-                               retry_after_ms=None if retry is None else math.ceil(retry * 1000))
+                               retry_after_ms=retry_after_ms(exc))
             return
         now = time.monotonic()
         self._batch.append(ClientRequest(identity, rid, lane, kind, normalize, dtype, input_type,
