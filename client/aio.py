@@ -28,7 +28,7 @@ from zembed.client.codec import (
     retry_delay,
 )
 from zembed.client.images import image_items
-from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+from zembed.errors import ConnectionClosed, EngineUnavailable, ZembedError
 
 #: While no connection is up, a send is tried again this often.
 SEND_RETRY_S = 0.02
@@ -177,13 +177,9 @@ class AsyncClient:
         """The caller's timeout: the same errors as the sync client's."""
         if future.done():
             return
-        if rid in self._lost or self._sock is None or not link.connected(self._sock):
-            future.set_exception(EngineUnavailable(
-                f"connection to {self.endpoint} lost with the request in flight and not back "
-                "within its timeout"))
-        else:
-            future.set_exception(DeadlineExceeded(
-                f"no answer from {self.endpoint} within the request's timeout"))
+        future.set_exception(link.timed_out(
+            self.endpoint, reachable=rid not in self._lost and self._sock is not None
+            and link.connected(self._sock)))
 
     def _start_tasks(self) -> None:
         if self._reader is None or self._reader.done():

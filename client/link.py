@@ -25,6 +25,7 @@ from typing import Any, TypeVar, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from zembed.errors import DeadlineExceeded, EngineUnavailable, ZembedError
 from zembed.security import arm_client
 
 #: ZMTP PING period on an otherwise idle connection.
@@ -97,6 +98,18 @@ def connected(sock: zmq.Socket[Any]) -> bool:
     port was seen to come up for a moment and take the resubmitted request, then drop again.
     """
     return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLOUT)
+
+
+def timed_out(endpoint: str, *, reachable: bool) -> ZembedError:
+    """The error of a call whose timeout passed, the same for both clients.
+
+    ``reachable``: a connection is up and the request was not lost with an earlier one, so a
+    broker had it (DeadlineExceeded); otherwise no broker could be reached (EngineUnavailable).
+    """
+    if reachable:
+        return DeadlineExceeded(f"no answer from {endpoint} within the request's timeout")
+    return EngineUnavailable(f"connection to {endpoint} lost with the request in flight and "
+                             "not back within its timeout")
 
 
 class LinkEvents:

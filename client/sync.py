@@ -29,7 +29,7 @@ from zembed.client.codec import (
     retry_delay,
 )
 from zembed.client.images import image_items
-from zembed.errors import ConnectionClosed, DeadlineExceeded, EngineUnavailable, ZembedError
+from zembed.errors import ConnectionClosed, EngineUnavailable, ZembedError
 
 
 @dataclass(slots=True)
@@ -216,11 +216,8 @@ class Client:
 
     def _gave_up(self, pending: Pending) -> ZembedError:
         self._note_drops()
-        if pending.id in self._lost or not link.connected(self._socket()):
-            return EngineUnavailable(
-                f"connection to {self.endpoint} lost with the request in flight and not back "
-                "within its timeout")
-        return DeadlineExceeded(f"no answer from {self.endpoint} within the request's timeout")
+        return link.timed_out(self.endpoint, reachable=pending.id not in self._lost
+                              and link.connected(self._socket()))
 
     def _note_drops(self) -> None:
         """Read the monitor; on a connection drop, every request in flight is to send again."""
