@@ -3,6 +3,10 @@
 Only pyzmq, msgpack and numpy are needed on the client side.
 """
 
+if __name__ != "zembed.client":  # the folder is installed as zembed.client only (setup.cfg)
+    raise ImportError(f"import zembed.client, not {__name__}: the folder client/ is "
+                      "the package zembed.client (setup.cfg's package_dir)")
+
 from zembed.cache.bf16 import from_bf16
 from zembed.client.aio import AsyncClient
 from zembed.client.codec import EmbedResult

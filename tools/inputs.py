@@ -44,7 +44,7 @@ class InputSource:
         self.counter = 0
         self._images: list[bytes] = []
         if kind == "image":
-            from zembed.engines.image import synthetic_jpeg
+            from zembed.tools.synthimg import synthetic_jpeg  # numpy only: no torch, no Pillow
 
             self._images = [synthetic_jpeg(*image_size, seed=s) for s in range(16)]
         self.pool = [self._fresh("pool") for _ in range(pool)]
