@@ -263,7 +263,7 @@ class Broker:
                                          items, now + deadline_ms / 1000, now))
 
     def answer_management(self, identity: bytes, rid: int, op: str) -> None:
-        """Answer ping/health/ready/stats at once from the loop's own state."""
+        """Answer ping/health/ready/stats/info at once from the loop's own state."""
         now = time.monotonic()
         body: dict[str, Any] = {"version": __version__, "uptime_s": round(now - self.started, 3)}
         status, error = p.OK, None
@@ -274,11 +274,25 @@ class Broker:
                 status, error = p.UNAVAILABLE, "not ready: " + "; ".join(reasons)
         elif op == p.OP_STATS:
             body.update(self.stats.snapshot(now))
+        elif op == p.OP_INFO:
+            body.update(self.info(now))
         elif op == p.OP_HEALTH:
             body.update(status="ok", loop={**self.stats.loop.snapshot(),
                                            "stalls": self.stats.watchdog.stalls})
         self.replier.send(identity, [p.CLIENT_PROTO, reply_header(rid, status, error=error),
                                      packb(body)])
+
+    def info(self, now: float) -> dict[str, Any]:
+        """The ``info`` op's answer: request limits and, per lane, model and capacity."""
+        lim = self.limits
+        limits = {"max_items": lim.max_items, "max_item_bytes": lim.max_item_bytes,
+                  "max_image_bytes": lim.max_image_bytes,
+                  "max_request_bytes": lim.max_request_bytes,
+                  "default_deadline_ms": lim.default_deadline_ms,
+                  "max_deadline_ms": lim.max_deadline_ms}
+        lanes = {lane: {**self.state.lane_info(lane, now, lim.max_items),
+                        "kinds": sorted(self.lane_kinds[lane])} for lane in self.state.lanes}
+        return {"limits": limits, "lanes": lanes}
 
     # -- engines ---------------------------------------------------------------------------
 

@@ -400,6 +400,29 @@ class BrokerState:
             "reject_hist": st.reject.snapshot(),
         }
 
+    def lane_info(self, lane: str, now: float, max_items: int) -> dict[str, Any]:
+        """What a client needs to size requests for ``lane`` (the ``info`` op, docs/protocol.md).
+
+        ``max_request_items`` is the largest request the lane can take at all: the broker's
+        ``max_items`` or the biggest live engine's credits, whichever is smaller (0 while no
+        engine is live). ``max_batch`` is the biggest engine batch, so bulk clients can send
+        requests that fill a forward pass while the next one waits its turn.
+        """
+        live = [e for e in self.by_lane[lane] if self.is_live(e, now)]
+        model = self.models.get(lane)
+        biggest = max((e.credits_total for e in live), default=0)
+        return {
+            "ready": bool(live),
+            "model": live[0].info.get("model") if live else None,
+            "fingerprints": dict(model.fingerprints) if model else {},
+            "dim": model.dim if model else None,
+            "engines": len(live),
+            "credits_total": sum(e.credits_total for e in live),
+            "credits_free": sum(e.credits_free for e in live),
+            "max_request_items": min(max_items, biggest),
+            "max_batch": max((e.max_batch for e in live), default=0),
+        }
+
     def snapshot(self, now: float) -> dict[str, Any]:
         """A msgpack-able view of lanes, engines and counters for the stats."""
         return {"lanes": {lane: self.lane_view(lane, now) for lane in self.lanes},

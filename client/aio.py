@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import zmq
@@ -16,6 +16,7 @@ import zmq.asyncio
 
 from zembed import protocol as p
 from zembed.client import link
+from zembed.client.bulk import KIND_LANES, BulkPlan, EmbedChunk, Piece, Sizing, seconds_until, total_of
 from zembed.client.codec import (
     EmbedResult,
     Vectors,
@@ -27,18 +28,21 @@ from zembed.client.codec import (
     reply_id,
     retry_delay,
 )
-from zembed.client.images import image_items
-from zembed.errors import ConnectionClosed, EngineUnavailable, ZembedError
+from zembed.client.images import image_item, image_items
+from zembed.client.progress import Assembler, BulkReport, ItemErrorCallback, ProgressCallback
+from zembed.errors import BadRequest, ConnectionClosed, EngineUnavailable, ZembedError
 
 #: While no connection is up, a send is tried again this often.
 SEND_RETRY_S = 0.02
+#: A bulk run without replies or retries due wakes at least this often (to re-read ``info``).
+BULK_TICK_S = 0.5
 
 
 class AsyncClient:
     """asyncio zembed client; the parameters mean what they mean for :class:`Client`."""
 
     def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
-                 retries: int = 0, backoff: float = 0.05,
+                 retries: int | None = None, backoff: float = 0.05,
                  ctx: zmq.asyncio.Context | None = None, curve_secret_key: str = "",
                  curve_server_key: str = "") -> None:
         self.endpoint = endpoint
@@ -92,21 +96,94 @@ class AsyncClient:
         give_up = time.monotonic() + t_out
         attempt = 0
         while True:
-            left = max(give_up - time.monotonic(), 0.001)
-            rid = next_id()
-            frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
-                                  timeout_s=left, input_type=input_type)
             try:
-                header, body = await self._request(rid, frames, left)
-                return decode_embed(header, body)
+                return await self._embed_once(lane, kind, items, normalize, dtype, input_type,
+                                              max(give_up - time.monotonic(), 0.001))
             except ZembedError as exc:
                 delay = retry_delay(exc, attempt, self.backoff)
-                if delay is None or attempt >= self.retries:
+                if delay is None or (self.retries is not None and attempt >= self.retries):
                     raise
                 if time.monotonic() + delay >= give_up:
                     raise
                 attempt += 1
                 await asyncio.sleep(delay)
+
+    async def _embed_once(self, lane: str, kind: str, items: Sequence[Any], normalize: bool,
+                          dtype: str, input_type: str | None, wait_s: float) -> EmbedResult:
+        rid = next_id()
+        frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
+                              timeout_s=wait_s, input_type=input_type)
+        header, body = await self._request(rid, frames, wait_s)
+        return decode_embed(header, body)
+
+    async def embed_many(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
+                         normalize: bool = True, dtype: str = "f32",
+                         input_type: str | None = None, batch_size: int | None = None,
+                         in_flight: int | None = None, retry_for: float = 300.0,
+                         progress: bool = False, on_progress: ProgressCallback | None = None,
+                         on_item_error: ItemErrorCallback | None = None) -> Vectors:
+        """Embed any number of inputs: one ``(n, dim)`` array, rows in input order.
+
+        As :meth:`zembed.client.Client.embed_many`; one call keeps the lane busy by itself,
+        so there is no need to gather several.
+        """
+        report = BulkReport(total_of(items), progress=progress, on_progress=on_progress,
+                            on_item_error=on_item_error)
+        out = Assembler(report.total)
+        try:
+            async for chunk in self.embed_many_iter(
+                    items, kind, normalize=normalize, dtype=dtype, input_type=input_type,
+                    batch_size=batch_size, in_flight=in_flight, retry_for=retry_for):
+                report.chunk(chunk)
+                out.add(chunk)
+        finally:
+            report.close()
+        return out.array()
+
+    async def embed_many_iter(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
+                              normalize: bool = True, dtype: str = "f32",
+                              input_type: str | None = None, batch_size: int | None = None,
+                              in_flight: int | None = None,
+                              retry_for: float = 300.0) -> AsyncIterator[EmbedChunk]:
+        """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
+        ``cached_items``), read from ``items`` only as fast as they are embedded."""
+        plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight),
+                        retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype,
+                        convert=image_item if kind == p.KIND_IMAGE else None)
+        lane = KIND_LANES[kind]
+        tasks: dict[asyncio.Future[EmbedResult], Piece] = {}
+        try:
+            while not plan.done:
+                if plan.wants_info:
+                    plan.resize(await self._sizing(kind, batch_size, in_flight))
+                for piece in plan.take(time.monotonic()):
+                    tasks[asyncio.ensure_future(self._embed_once(
+                        lane, kind, piece.wire, normalize, dtype, input_type,
+                        self.timeout))] = piece
+                for chunk in plan.ready():
+                    yield chunk
+                wait = seconds_until(plan.wake_at(), time.monotonic(), BULK_TICK_S)
+                if not tasks:
+                    await asyncio.sleep(wait)
+                    continue
+                done, _ = await asyncio.wait(tasks, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    piece = tasks.pop(task)
+                    try:
+                        plan.succeeded(piece, task.result())
+                    except ZembedError as exc:
+                        plan.failed(piece, exc, time.monotonic())
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _sizing(self, kind: str, batch_size: int | None,
+                      in_flight: int | None) -> Sizing:
+        """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
+        if kind not in KIND_LANES:
+            raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
+        return Sizing.from_info(await self.info(), kind, items=batch_size, in_flight=in_flight)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round trip to the broker."""
@@ -123,6 +200,10 @@ class AsyncClient:
     async def stats(self, timeout: float | None = None) -> dict[str, Any]:
         """A snapshot of the broker's counters."""
         return await self._op(p.OP_STATS, timeout, raise_on_error=True)
+
+    async def info(self, timeout: float | None = None) -> dict[str, Any]:
+        """The broker's request limits and, per lane, model, dim and credits (protocol.md)."""
+        return await self._op(p.OP_INFO, timeout, raise_on_error=True)
 
     async def _op(self, op: str, timeout: float | None, *,
                   raise_on_error: bool) -> dict[str, Any]:

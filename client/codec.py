@@ -74,7 +74,7 @@ def broker_deadline_ms(timeout_s: float) -> int:
 
 
 def op_frames(rid: int, op: str) -> list[bytes]:
-    """Frames of a management request (ping, health, ready, stats)."""
+    """Frames of a management request (ping, health, ready, stats, info)."""
     return [p.CLIENT_PROTO, packb({"op": op, "id": rid}), b""]
 
 
@@ -124,20 +124,27 @@ def decode_op(header: dict[str, Any], body: bytes, *, raise_on_error: bool) -> d
     return data
 
 
-def retry_delay(exc: ZembedError, attempt: int, backoff_s: float,
+#: No retry waits longer than this (exponential backoff stops growing here), seconds.
+MAX_RETRY_DELAY_S = 5.0
+
+
+def retry_delay(exc: ZembedError, attempt: int, backoff_s: float, *, deadline: bool = False,
                 rand: Callable[[], float] = random.random) -> float | None:
     """Seconds to wait before retrying after ``exc``, or None if it is not worth retrying.
 
-    429 honours the broker's ``retry_after``; 503 (no engine, engine lost) backs off
-    exponentially. Everything else is the caller's problem, not a transient one. Each delay
-    is stretched by a random 0 to 50 % (``rand`` in [0, 1)), so clients refused in the same turn
-    do not all come back in the same turn ("equal jitter": never shorter than the broker's
-    estimate, spread over half of it again).
+    429 honours the broker's ``retry_after``; 503 (no engine, engine lost, broker unreachable)
+    backs off exponentially from ``backoff_s``, as does 504 when ``deadline`` is set (bulk work
+    retries a request that timed out; a single call's deadline is the caller's). Everything
+    else is the caller's problem, not a transient one. Each delay is stretched by a random 0 to
+    50 % (``rand`` in [0, 1)), so clients refused in the same turn do not all come back in the
+    same turn ("equal jitter": never shorter than the broker's estimate, spread over half of it
+    again). Backoff stops growing at ``MAX_RETRY_DELAY_S``.
     """
+    growth = backoff_s * 2.0 ** min(attempt, 30)
     if exc.status == p.OVERLOADED:
-        base = max(float(getattr(exc, "retry_after", 0.0)), backoff_s * 2.0**attempt / 4)
-    elif exc.status == p.UNAVAILABLE:
-        base = float(backoff_s * 2.0**attempt)
+        base = max(float(getattr(exc, "retry_after", 0.0)), growth / 4)
+    elif exc.status == p.UNAVAILABLE or (deadline and exc.status == p.DEADLINE_EXCEEDED):
+        base = growth
     else:
         return None
-    return base * (1.0 + rand() / 2)
+    return min(base, MAX_RETRY_DELAY_S) * (1.0 + rand() / 2)

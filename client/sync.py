@@ -7,9 +7,8 @@ several requests and then collect them with ``result`` to keep many in flight.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,16 @@ import zmq
 
 from zembed import protocol as p
 from zembed.client import link
+from zembed.client.bulk import (
+    KIND_LANES,
+    BulkPlan,
+    EmbedChunk,
+    Piece,
+    Sizing,
+    ceil_ms,
+    seconds_until,
+    total_of,
+)
 from zembed.client.codec import (
     EmbedResult,
     Vectors,
@@ -28,8 +37,12 @@ from zembed.client.codec import (
     reply_id,
     retry_delay,
 )
-from zembed.client.images import image_items
-from zembed.errors import ConnectionClosed, EngineUnavailable, ZembedError
+from zembed.client.images import image_item, image_items
+from zembed.client.progress import BulkReport, ItemErrorCallback, ProgressCallback, gather
+from zembed.errors import BadRequest, ConnectionClosed, EngineUnavailable, ZembedError
+
+#: A bulk run without replies or retries due wakes at least this often (to re-read ``info``).
+BULK_TICK_S = 0.5
 
 
 @dataclass(slots=True)
@@ -54,7 +67,8 @@ class Client:
         ``EngineUnavailable`` when no broker could be reached in that time). Requests lost with
         a broker that died or restarted are resubmitted within it (see ``client/link.py``).
     :param retries: how many times to retry 429 (after ``retry_after``) and 503 (with backoff)
-        within the timeout; 0 raises them at once.
+        within the timeout; None (the default) retries them as often as the timeout allows, 0
+        raises them at once (for a caller with a fallback of its own).
     :param backoff: first backoff step for retries, seconds.
     :param ctx: ZeroMQ context (the process-wide instance by default).
     :param curve_secret_key: CurveZMQ: this client's ``.key_secret`` file (``zembed keygen``).
@@ -62,7 +76,7 @@ class Client:
     """
 
     def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
-                 retries: int = 0, backoff: float = 0.05,
+                 retries: int | None = None, backoff: float = 0.05,
                  ctx: zmq.Context[Any] | None = None, curve_secret_key: str = "",
                  curve_server_key: str = "") -> None:
         self.endpoint = endpoint
@@ -124,12 +138,105 @@ class Client:
                 return self.result(pending)
             except ZembedError as exc:
                 delay = retry_delay(exc, attempt, self.backoff)
-                if delay is None or attempt >= self.retries:
+                if delay is None or (self.retries is not None and attempt >= self.retries):
                     raise
                 if time.monotonic() + delay >= give_up:
                     raise
                 attempt += 1
                 time.sleep(delay)
+
+    def embed_many(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
+                   normalize: bool = True, dtype: str = "f32", input_type: str | None = None,
+                   batch_size: int | None = None, in_flight: int | None = None,
+                   retry_for: float = 300.0, progress: bool = False,
+                   on_progress: ProgressCallback | None = None,
+                   on_item_error: ItemErrorCallback | None = None) -> Vectors:
+        """Embed any number of inputs: one ``(n, dim)`` array, rows in input order.
+
+        ``items`` is any iterable (a list, or a generator over a file); ``kind`` is ``"text"``,
+        ``"clip-text"`` or ``"image"`` (what ``embed_images`` accepts). Requests are sized
+        from the broker's ``info`` (or ``batch_size``), ``in_flight`` of them at a time (by
+        default enough for every engine of the lane). 429s are retried after the broker's
+        ``retry_after``, as long as it takes; 503s and 504s with backoff for up to
+        ``retry_for`` seconds; a request too large for the lane is split. Inputs that fail
+        (a bad image, an oversized text) do not stop the run: their rows are zeros and they
+        go to ``on_item_error(index, status, message)``, or are logged without one.
+        ``progress=True`` shows a tqdm bar; ``on_progress(done, total)`` is called per chunk.
+        For inputs that do not fit in memory, iterate :meth:`embed_many_iter` instead.
+        """
+        report = BulkReport(total_of(items), progress=progress, on_progress=on_progress,
+                            on_item_error=on_item_error)
+        chunks = self.embed_many_iter(items, kind, normalize=normalize, dtype=dtype,
+                                      input_type=input_type, batch_size=batch_size,
+                                      in_flight=in_flight, retry_for=retry_for)
+        try:
+            return gather(report.each(chunks), report.total)
+        finally:
+            report.close()
+
+    def embed_many_iter(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
+                        normalize: bool = True, dtype: str = "f32",
+                        input_type: str | None = None, batch_size: int | None = None,
+                        in_flight: int | None = None,
+                        retry_for: float = 300.0) -> Iterator[EmbedChunk]:
+        """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
+        ``cached_items``), read from ``items`` only as fast as they are embedded."""
+        sizing = self._sizing(kind, batch_size, in_flight)
+        plan = BulkPlan(items, kind, sizing, retry_for_s=retry_for, backoff_s=self.backoff,
+                        dtype=dtype, convert=image_item if kind == p.KIND_IMAGE else None)
+        sent: dict[int, tuple[Pending, Piece]] = {}
+        try:
+            while not plan.done:
+                if plan.wants_info:
+                    plan.resize(self._sizing(kind, batch_size, in_flight))
+                for piece in plan.take(time.monotonic()):
+                    pending = self._submit_piece(plan, piece, normalize, dtype, input_type)
+                    if pending is not None:
+                        sent[pending.id] = (pending, piece)
+                yield from plan.ready()
+                self._collect(plan, sent)
+        finally:
+            for pending, _ in sent.values():
+                self._forget(pending)
+
+    def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None) -> Sizing:
+        """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
+        if kind not in KIND_LANES:
+            raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
+        return Sizing.from_info(self.info(), kind, items=batch_size, in_flight=in_flight)
+
+    def _submit_piece(self, plan: BulkPlan, piece: Piece, normalize: bool, dtype: str,
+                      input_type: str | None) -> Pending | None:
+        """Send one piece once (the plan retries); None when it failed at once (no broker)."""
+        try:
+            return self.submit(KIND_LANES[plan.kind], plan.kind, piece.wire,
+                               normalize=normalize, dtype=dtype, input_type=input_type)
+        except EngineUnavailable as exc:
+            plan.failed(piece, exc, time.monotonic())
+            return None
+
+    def _collect(self, plan: BulkPlan, sent: dict[int, tuple[Pending, Piece]]) -> None:
+        """Wait until a reply is in, a request times out or a retry is due; tell the plan."""
+        if not sent:
+            wait = seconds_until(plan.wake_at(), time.monotonic(), BULK_TICK_S)
+            if wait > 0 and not plan.done:
+                time.sleep(wait)
+            return
+        until = min(min(pd.deadline for pd, _ in sent.values()),
+                    time.monotonic() + seconds_until(plan.wake_at(), time.monotonic(),
+                                                     BULK_TICK_S))
+        while not any(rid in self._replies for rid in sent) and time.monotonic() < until:
+            self._pump(until)
+        now = time.monotonic()
+        for rid in [rid for rid, (pd, _) in sent.items()
+                    if rid in self._replies or pd.deadline <= now]:
+            pending, piece = sent.pop(rid)
+            try:
+                result = self.result(pending)
+            except ZembedError as exc:
+                plan.failed(piece, exc, time.monotonic())
+            else:
+                plan.succeeded(piece, result)
 
     def submit(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
                dtype: str = "f32", input_type: str | None = None,
@@ -166,6 +273,10 @@ class Client:
         """A snapshot of the broker's counters, lanes and engines."""
         return self._op(p.OP_STATS, timeout, raise_on_error=True)
 
+    def info(self, timeout: float | None = None) -> dict[str, Any]:
+        """The broker's request limits and, per lane, model, dim and credits (protocol.md)."""
+        return self._op(p.OP_INFO, timeout, raise_on_error=True)
+
     def _op(self, op: str, timeout: float | None, *, raise_on_error: bool) -> dict[str, Any]:
         rid = next_id()
         t_out = self.timeout if timeout is None else timeout
@@ -192,27 +303,35 @@ class Client:
         self._waiting[pending.id] = pending
 
     def _wait(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
+        try:
+            while pending.id not in self._replies:
+                if time.monotonic() >= pending.deadline:
+                    raise self._gave_up(pending)
+                self._pump(pending.deadline)
+            return self._replies.pop(pending.id)
+        finally:
+            self._forget(pending)
+
+    def _forget(self, pending: Pending) -> None:
+        """Stop waiting for ``pending``: a late reply to it is dropped."""
+        self._waiting.pop(pending.id, None)
+        self._lost.pop(pending.id, None)
+        self._replies.pop(pending.id, None)
+
+    def _pump(self, until: float) -> None:
+        """Wait for replies or link events until ``until`` at most, and take them in."""
         sock = self._socket()
         poller = zmq.Poller()
         poller.register(self._monitor, zmq.POLLIN)
-        try:
-            while pending.id not in self._replies:
-                left_ms = math.ceil((pending.deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
-                    raise self._gave_up(pending)
-                # While requests wait to be sent again, also wake when the link is back.
-                poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if self._lost else 0))
-                events = dict(poller.poll(left_ms))
-                if self._monitor in events:
-                    self._note_drops()
-                if events.get(sock, 0) & zmq.POLLOUT:
-                    self._resend_lost(sock)
-                if events.get(sock, 0) & zmq.POLLIN:
-                    self._drain(sock)
-            return self._replies.pop(pending.id)
-        finally:
-            self._waiting.pop(pending.id, None)
-            self._lost.pop(pending.id, None)
+        # While requests wait to be sent again, also wake when the link is back.
+        poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if self._lost else 0))
+        events = dict(poller.poll(ceil_ms(until - time.monotonic())))
+        if self._monitor in events:
+            self._note_drops()
+        if events.get(sock, 0) & zmq.POLLOUT:
+            self._resend_lost(sock)
+        if events.get(sock, 0) & zmq.POLLIN:
+            self._drain(sock)
 
     def _gave_up(self, pending: Pending) -> ZembedError:
         self._note_drops()

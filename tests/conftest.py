@@ -108,7 +108,9 @@ class Stack:
         return proc
 
     def client(self, **kw: Any) -> Client:
+        """A client that raises 429/503 at once (tests look at each answer) unless told."""
         kw.setdefault("timeout", 10.0)
+        kw.setdefault("retries", 0)
         return Client(self.frontend, **kw)
 
     def wait_engines(self, lane: str, count: int, timeout: float = ENGINE_START_S) -> None:

@@ -8,12 +8,11 @@ it stores are exactly what the engines compute.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from zembed import protocol as p
 from zembed.cache.keys import KEY_VERSION, fingerprint_pattern
 
 SCAN_COUNT = 1000
@@ -87,54 +86,28 @@ def purge(client: Any, prefix: str, kind: str | None, fingerprint: str | None) -
     return deleted
 
 
-def read_inputs(path: Path, kind: str) -> list[Any]:
-    """One input per non-empty line: texts, or image paths / URIs for kind image."""
-    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line.strip()]
-    if kind != p.KIND_IMAGE:
-        return lines
-    from zembed.client.images import image_item
-
-    return [image_item(line) for line in lines]
+def read_inputs(path: Path) -> Iterator[str]:
+    """One input per non-blank line (texts, or image paths / URIs), read lazily."""
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield line
 
 
-def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def warm(client: Any, items: list[Any], kind: str, batch: int, window: int = 4,
+def warm(client: Any, items: Iterable[Any], kind: str, batch: int | None,
          normalize: bool = True) -> dict[str, Any]:
-    """Embed every input through the broker (which stores the results); a few in flight.
+    """Embed every input through the broker (which stores the results) with ``embed_many``.
 
-    A 429 puts the batch back after the broker's ``retry_after``: warming never fails
-    because the lane is busy, it only slows down.
+    Requests are sized from the broker's ``info`` and kept in flight to fill the lane; a 429
+    puts a request back after the broker's ``retry_after``: warming never fails because the
+    lane is busy, it only slows down. Inputs that fail (an unreadable image) are counted.
     """
-    from zembed.errors import Overloaded
-
-    lane = p.LANE_TEXT if kind == p.KIND_TEXT else p.LANE_IMAGE
-    pending: deque[tuple[Any, list[Any]]] = deque()
     done = cached = failed = 0
     t0 = time.perf_counter()
-
-    def collect() -> None:
-        nonlocal done, cached, failed
-        handle, part = pending.popleft()
-        try:
-            result = client.result(handle)
-        except Overloaded as exc:
-            time.sleep(max(exc.retry_after, 0.01))
-            pending.append((client.submit(lane, kind, part, normalize=normalize), part))
-            return
-        done += len(result.vectors)
-        cached += result.cached
-        failed += len(result.item_errors)
-
-    for part in chunks(items, batch):
-        while len(pending) >= window:
-            collect()
-        pending.append((client.submit(lane, kind, part, normalize=normalize), part))
-    while pending:
-        collect()
+    for chunk in client.embed_many_iter(items, kind, normalize=normalize, batch_size=batch):
+        done += len(chunk.vectors)
+        cached += len(chunk.cached_items)
+        failed += len(chunk.item_errors)
     return {"items": done, "already_cached": cached, "failed": failed,
             "seconds": round(time.perf_counter() - t0, 3)}

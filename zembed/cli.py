@@ -140,6 +140,16 @@ def _embed_options(func: Any) -> Any:
     for opt in (
         click.option("--normalize/--no-normalize", default=True, show_default=True),
         click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per input."),
+        click.option("--file", "file", type=click.Path(exists=True, dir_okay=False),
+                     default=None, help="Embed every line of this file (row i = line i+1), "
+                     "in requests sized from the broker's limits, many in flight."),
+        click.option("--out", type=click.Path(dir_okay=False, writable=True), default=None,
+                     help="With --file: write the vectors to this .npy instead of printing."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="With --file: items per request (default: from the broker's info)."),
+        click.option("--progress/--no-progress", default=None,
+                     help="With --file: a progress bar on stderr (default: when stderr is a "
+                          "terminal and tqdm is installed)."),
         config_file_option,
         config_options(cfgmod.ClientConfig),
     ):
@@ -170,41 +180,80 @@ def _embed_and_print(lane: str, kind: str, labels: tuple[str, ...], items: list[
             click.echo(f"{label}\t" + " ".join(f"{x:.6g}" for x in vec))
 
 
+def _embed_command(kind: str, args: tuple[str, ...], opts: dict[str, Any], **kw: Any) -> None:
+    """``zembed embed KIND``: the arguments, or every line of --file (exit 1 if any failed)."""
+    file, out = opts.pop("file"), opts.pop("out")
+    batch_size, progress = opts.pop("batch_size"), opts.pop("progress")
+    as_json, config_file = opts.pop("as_json"), opts.pop("config_file")
+    if bool(file) == bool(args):
+        raise click.UsageError("give inputs as arguments or --file, not both (nor neither)")
+    if out and not file:
+        raise click.UsageError("--out needs --file")
+    if not file:
+        lane = p.LANE_TEXT if kind == p.KIND_TEXT else p.LANE_IMAGE
+        items: list[Any] = list(args)
+        if kind == p.KIND_IMAGE:
+            from zembed.client.images import image_items
+
+            try:
+                items = list(image_items(items))
+            except OSError as exc:
+                raise click.ClickException(str(exc)) from None
+        _embed_and_print(lane, kind, args, items, as_json, config_file, opts, **kw)
+        return
+    _embed_file(kind, file, out, batch_size, progress, as_json, config_file, opts, **kw)
+
+
+def _embed_file(kind: str, file: str, out: str | None, batch_size: int | None,
+                progress: bool | None, as_json: bool, config_file: str | None,
+                flags: dict[str, Any], **kw: Any) -> None:
+    from pathlib import Path
+
+    from zembed.errors import ZembedError
+    from zembed.tools.embedfile import embed_file
+
+    if progress is None:
+        import importlib.util
+
+        progress = sys.stderr.isatty() and importlib.util.find_spec("tqdm") is not None
+    with _client(config_file, flags) as client:
+        try:
+            summary = embed_file(client, Path(file), kind, out=Path(out) if out else None,
+                                 batch_size=batch_size, progress=progress, as_json=as_json,
+                                 echo=click.echo, **kw)
+        except ZembedError as exc:
+            raise click.ClickException(f"{type(exc).__name__} ({exc.status}): {exc}") from None
+    click.echo(json.dumps(summary), err=True)
+    if summary["failed"]:
+        sys.exit(1)
+
+
 @embed.command("text")
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
 @click.option("--input-type", type=click.Choice(["query", "document"]), default=None)
 @_embed_options
-def embed_text(texts: tuple[str, ...], normalize: bool, input_type: str | None, as_json: bool,
-               config_file: str | None, **flags: Any) -> None:
-    """Embed TEXTS on the text lane."""
-    _embed_and_print(p.LANE_TEXT, p.KIND_TEXT, texts, list(texts), as_json, config_file, flags,
-                     normalize=normalize, input_type=input_type)
+def embed_text(texts: tuple[str, ...], normalize: bool, input_type: str | None,
+               **opts: Any) -> None:
+    """Embed TEXTS (or every line of --file) on the text lane."""
+    _embed_command(p.KIND_TEXT, texts, opts, normalize=normalize, input_type=input_type)
 
 
 @embed.command("image")
-@click.argument("paths", nargs=-1, required=True)
+@click.argument("paths", nargs=-1)
 @_embed_options
-def embed_image(paths: tuple[str, ...], normalize: bool, as_json: bool, config_file: str | None,
-                **flags: Any) -> None:
-    """Embed image files (or data:/http(s) URIs) PATHS on the image lane."""
-    from zembed.client.images import image_items
-
-    try:
-        items = image_items(list(paths))
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from None
-    _embed_and_print(p.LANE_IMAGE, p.KIND_IMAGE, paths, list(items), as_json, config_file, flags,
-                     normalize=normalize)
+def embed_image(paths: tuple[str, ...], normalize: bool, **opts: Any) -> None:
+    """Embed image files (or data:/http(s) URIs) PATHS, or those listed in --file, on the
+    image lane."""
+    _embed_command(p.KIND_IMAGE, paths, opts, normalize=normalize)
 
 
 @embed.command("clip-text")
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
 @_embed_options
-def embed_clip_text(texts: tuple[str, ...], normalize: bool, as_json: bool,
-                    config_file: str | None, **flags: Any) -> None:
-    """Embed TEXTS with the CLIP text tower of the image lane (to search images)."""
-    _embed_and_print(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, list(texts), as_json, config_file,
-                     flags, normalize=normalize)
+def embed_clip_text(texts: tuple[str, ...], normalize: bool, **opts: Any) -> None:
+    """Embed TEXTS (or every line of --file) with the CLIP text tower of the image lane (to
+    search images)."""
+    _embed_command(p.KIND_CLIP_TEXT, texts, opts, normalize=normalize)
 
 
 def _probe(op: str, config_file: str | None, flags: dict[str, Any]) -> None:
@@ -473,22 +522,24 @@ def cache_purge(kind: str | None, fingerprint: str | None, purge_all: bool,
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--kind", type=click.Choice(sorted(p.TEXT_KINDS | {p.KIND_IMAGE})),
               default=p.KIND_TEXT, show_default=True)
-@click.option("--batch", default=32, show_default=True, help="Items per request.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Items per request (default: from the broker's info).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True)
 @config_file_option
 @config_options(cfgmod.ClientConfig)
-def cache_warm(file: str, kind: str, batch: int, normalize: bool, config_file: str | None,
-               **flags: Any) -> None:
-    """Embed every line of FILE (texts, or image paths for --kind image) so it is cached."""
+def cache_warm(file: str, kind: str, batch: int | None, normalize: bool,
+               config_file: str | None, **flags: Any) -> None:
+    """Embed every non-blank line of FILE (texts, or image paths for --kind image) so it is
+    cached; a busy lane only slows it down."""
     from pathlib import Path
 
     from zembed.errors import ZembedError
     from zembed.tools import cachetool
 
-    items = cachetool.read_inputs(Path(file), kind)
     with _client(config_file, flags) as client:
         try:
-            out = cachetool.warm(client, items, kind, batch, normalize=normalize)
+            out = cachetool.warm(client, cachetool.read_inputs(Path(file)), kind, batch,
+                                 normalize=normalize)
         except ZembedError as exc:
             raise click.ClickException(f"{type(exc).__name__} ({exc.status}): {exc}") from None
     click.echo(json.dumps(out))

@@ -29,7 +29,9 @@ OP_PING: Final = "ping"
 OP_HEALTH: Final = "health"
 OP_READY: Final = "ready"
 OP_STATS: Final = "stats"
-MANAGEMENT_OPS: Final = frozenset({OP_PING, OP_HEALTH, OP_READY, OP_STATS})
+#: The broker's limits and, per lane, its model and the largest request it can take.
+OP_INFO: Final = "info"
+MANAGEMENT_OPS: Final = frozenset({OP_PING, OP_HEALTH, OP_READY, OP_STATS, OP_INFO})
 
 # Status codes, in the HTTP / MMI tradition.
 OK: Final = 200
