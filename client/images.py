@@ -3,6 +3,9 @@
 Paths are read here, on the client; PIL images and numpy arrays are encoded here as PNG
 (lossless, so the engine sees exactly those pixels). ``data:`` URIs and http(s) URLs pass
 through as text for the engine to decode or fetch (fetching is off unless the engine allows it).
+
+Bytes, paths and URIs need nothing beyond ``pip install zembed``; numpy arrays are encoded with
+Pillow, which ``pip install 'zembed[images]'`` brings (a PIL image means Pillow is there).
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ def image_item(image: Any) -> bytes | str:
         with open(image, "rb") as fh:
             return fh.read()
     if hasattr(image, "__array_interface__") and not hasattr(image, "save"):
-        from PIL import Image
-
+        try:
+            from PIL import Image
+        except ModuleNotFoundError:
+            raise ModuleNotFoundError(
+                "sending a numpy array as an image needs Pillow: pip install 'zembed[images]' "
+                "(or send encoded bytes or a path)", name="PIL") from None
         image = Image.fromarray(image)
     if hasattr(image, "save"):  # a PIL image
         buf = io.BytesIO()

@@ -1,58 +1,121 @@
 """``zembed exporter``: the broker's stats snapshots as Prometheus metrics.
 
-A custom collector holds the latest snapshot (read from the stats socket by the main thread)
-and turns it into metric families when Prometheus scrapes: the broker's monotonic counters
-become counters (so ``rate()`` works), its cumulative latency buckets become histograms (so
+A collector holds the latest snapshot (read from the stats socket by the main thread) and turns
+it into metric families when Prometheus scrapes: the broker's monotonic counters become
+counters (so ``rate()`` works), its cumulative latency buckets become histograms (so
 ``histogram_quantile()`` works), and the rest are gauges. A snapshot older than ``stale_s``
 is not served: ``zembed_up`` drops to 0 and the other series disappear rather than freeze.
 Names and labels are listed in ``docs/stats.md``.
+
+The text exposition format (version 0.0.4) is written here and served by the standard
+library's HTTP server, so the exporter runs in a client-only install (``pip install zembed``).
+Families and samples have the shape of ``prometheus_client``'s (``name``, ``type``,
+``documentation``, ``samples``), so the collector can also be registered in its registry, and
+:func:`exposition` writes what its ``generate_latest`` writes.
 """
 
 from __future__ import annotations
 
+import http.server
+import math
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
-
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from zembed.tools.statsource import SnapshotSource
 
 DEFAULT_PORT = 9108
 #: Window quantiles exported, and their ``quantile`` label (Prometheus summary style).
 QUANTILES = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Sample(NamedTuple):
+    """One series value (the fields of ``prometheus_client.samples.Sample``)."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+    timestamp: float | None = None
+    exemplar: None = None
+    native_histogram: None = None
+
+
+@dataclass
+class Metric:
+    """One metric family: ``type`` is counter, gauge or histogram."""
+
+    name: str
+    documentation: str
+    type: str
+    samples: list[Sample] = field(default_factory=list)
+    unit: str = ""
+
+
+def _labels(names: list[str], values: list[str]) -> dict[str, str]:
+    return {n: str(v) for n, v in zip(names, values, strict=True)}
 
 
 def _counter(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]
-             ) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=labels)
-    for values, value in rows:
-        family.add_metric(values, value)
-    return family
+             ) -> Metric:
+    return Metric(name, doc, "counter",
+                  [Sample(f"{name}_total", _labels(labels, values), value) for values, value in rows])
 
 
 def _gauge(name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]
-           ) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, doc, labels=labels)
-    for values, value in rows:
-        family.add_metric(values, value)
-    return family
+           ) -> Metric:
+    return Metric(name, doc, "gauge",
+                  [Sample(name, _labels(labels, values), value) for values, value in rows])
 
 
-def _histogram(name: str, doc: str, lanes: dict[str, Any], key: str) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=["lane"])
+def _histogram(name: str, doc: str, lanes: dict[str, Any], key: str) -> Metric:
+    family = Metric(name, doc, "histogram")
     for lane, row in lanes.items():
         hist = row.get(key)
         if not hist:
             continue
         bounds = [repr(float(b)) for b in hist["le"]] + ["+Inf"]  # as prometheus_client writes
-        family.add_metric([lane], list(zip(bounds, hist["counts"], strict=True)),
-                          sum_value=hist["sum_s"])
+        counts = list(hist["counts"])
+        family.samples += [Sample(f"{name}_bucket", {"lane": lane, "le": le}, count)
+                           for le, count in zip(bounds, counts, strict=True)]
+        family.samples += [Sample(f"{name}_count", {"lane": lane}, counts[-1]),
+                           Sample(f"{name}_sum", {"lane": lane}, hist["sum_s"])]
     return family
+
+
+def _number(value: float) -> str:
+    """A sample value as Prometheus' Go code writes it (``1.0``, ``+Inf``, ``1.5e+09``)."""
+    value = float(value)
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    text = repr(value)
+    dot = text.find(".")
+    if value > 0 and dot > 6:  # Go switches to an exponent sooner than Python
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def exposition(metrics: Iterable[Metric]) -> str:
+    """The text exposition format (0.0.4) of ``metrics``."""
+    out: list[str] = []
+    for metric in metrics:
+        name = f"{metric.name}_total" if metric.type == "counter" else metric.name
+        doc = metric.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {metric.type}\n")
+        for s in metric.samples:
+            labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sorted(s.labels.items()))
+            out.append(f"{s.name}{{{labels}}} {_number(s.value)}\n" if labels
+                       else f"{s.name} {_number(s.value)}\n")
+    return "".join(out)
 
 
 def broker_families(snap: dict[str, Any]) -> Iterator[Metric]:
@@ -198,7 +261,7 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
     yield from engine_families(snap["lanes"])
 
 
-class SnapshotCollector(Collector):
+class SnapshotCollector:
     """Serves the latest snapshot; ``zembed_up`` says whether it is fresh."""
 
     def __init__(self, stale_s: float = 5.0) -> None:
@@ -221,13 +284,37 @@ class SnapshotCollector(Collector):
         yield from families(latest[1])
 
 
+def _handler(collector: SnapshotCollector) -> type[http.server.BaseHTTPRequestHandler]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path not in ("/metrics", "/"):
+                self.send_error(404, "zembed exporter: see /metrics")
+                return
+            if path == "/":
+                body, ctype = b'<a href="/metrics">/metrics</a>\n', "text/html; charset=utf-8"
+            else:
+                body, ctype = exposition(collector.collect()).encode(), CONTENT_TYPE
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per scrape is noise
+
+    return Handler
+
+
 def serve(source: SnapshotSource, port: int, addr: str = "127.0.0.1",
           stop: threading.Event | None = None) -> None:
     """Serve ``/metrics`` on ``addr:port`` and feed it from ``source`` until ``stop`` is set."""
-    registry = CollectorRegistry(auto_describe=False)
     collector = SnapshotCollector()
-    registry.register(collector)
-    server, thread = start_http_server(port, addr, registry=registry)
+    server = http.server.ThreadingHTTPServer((addr, port), _handler(collector))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="exporter-http", daemon=True)
+    thread.start()
     stop = stop or threading.Event()
     try:
         while not stop.is_set():
@@ -237,4 +324,5 @@ def serve(source: SnapshotSource, port: int, addr: str = "127.0.0.1",
                 collector.stale_s = max(5.0, 3 * float(snap.get("interval_s", 1.0)))
     finally:
         server.shutdown()
+        server.server_close()
         thread.join(timeout=2)

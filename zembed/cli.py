@@ -12,13 +12,15 @@ from typing import Any
 
 import click
 
-from zembed import __version__
+from zembed import __version__, extras
 from zembed import config as cfgmod
 from zembed import protocol as p
 from zembed.clioptions import config_file_option, config_options
 
 
-@click.group()
+# A command that needs an extra not installed (`zembed start text` without torch) stops with
+# one line naming it: see zembed/extras.py.
+@click.group(cls=extras.Group)
 @click.version_option(__version__, prog_name="zembed")
 def main() -> None:
     """zembed: a ZeroMQ broker serving text and image embeddings."""
@@ -476,6 +478,10 @@ def cache_stats(redis_url: str | None, prefix: str | None, as_json: bool,
     try:
         out["redis"] = cachetool.redis_usage(
             cachetool.redis_client(_redis_url(config_file, redis_url)), prefix)
+    except ModuleNotFoundError as exc:  # a client-only install: the broker's half still works
+        if (exc.name or "").split(".")[0] != "redis":
+            raise
+        out["redis"] = {"error": "needs zembed[broker]: pip install 'zembed[broker]'"}
     except Exception as exc:  # no Redis is a fact to report, not a crash
         out["redis"] = {"error": f"{type(exc).__name__}: {exc}"}
     if as_json:
