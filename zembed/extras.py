@@ -45,19 +45,23 @@ EXTRAS["server"] = tuple(dict.fromkeys(m for e in ("broker", "text", "image", "m
                                        for m in EXTRAS[e]))
 
 
-def _always(extra: str) -> Callable[[Mapping[str, Any]], str | None]:
-    return lambda params: extra
+#: What a rule says a command needs: (extra, the option that makes it need it, or "").
+Need = tuple[str, str]
+
+
+def _always(extra: str) -> Callable[[Mapping[str, Any]], Need | None]:
+    return lambda params: (extra, "")
 
 
 #: Command (its path without ``zembed``) -> the extra it needs, given its parameters.
-COMMAND_EXTRAS: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
+COMMAND_EXTRAS: dict[str, Callable[[Mapping[str, Any]], Need | None]] = {
     "start text": _always("text"),
     "start image": _always("image"),
     "up": _always("server"),
     "soak": _always("server"),
     "cache purge": _always("broker"),
     # --raw loads the served models in this process.
-    "bench": lambda params: "server" if params.get("raw") else None,
+    "bench": lambda params: ("server", " --raw") if params.get("raw") else None,
 }
 
 #: (command, module) -> what else would do, after the install line.
@@ -86,11 +90,12 @@ def install_line(command: str, extra: str, modules: list[str]) -> str:
 def preflight(command: str, params: Mapping[str, Any]) -> str | None:
     """The line to stop ``command`` with, if an extra it needs is missing; else None."""
     rule = COMMAND_EXTRAS.get(command)
-    extra = rule(params) if rule else None
-    if extra is None:
+    need = rule(params) if rule else None
+    if need is None:
         return None
+    extra, option = need
     absent = missing(extra)
-    return install_line(command, extra, absent) if absent else None
+    return install_line(command + option, extra, absent) if absent else None
 
 
 def explain(command: str, exc: ModuleNotFoundError) -> str | None:
@@ -99,8 +104,9 @@ def explain(command: str, exc: ModuleNotFoundError) -> str | None:
     if module not in MODULES:
         return None
     rule = COMMAND_EXTRAS.get(command)
-    extra = rule({}) if rule else None
-    if extra is None or module not in EXTRAS.get(extra, ()):
+    need = rule({}) if rule else None
+    extra = need[0] if need else MODULES[module][1]
+    if module not in EXTRAS[extra]:
         extra = MODULES[module][1]
     return install_line(command, extra, [module])
 
