@@ -280,22 +280,24 @@ class BrokerState:
     def retry_after_ms(self, lane: str, n: int, now: float) -> int:
         """Milliseconds until an engine of ``lane`` is expected to have ``n`` free credits.
 
-        While the lane completes work (anything in the last ``RATE_WINDOW_S``): the credits
-        missing on the engine with the most free, divided by that measured rate. At rate 0
-        (the lane just got its first load, or its requests take longer than the window), the
-        measured rate says nothing, so each engine's in-flight requests are assumed to complete
-        in order at the throughput it announced in READY (:meth:`free_in`), and the soonest
-        engine counts. With neither a rate nor an announced throughput: one heartbeat interval,
-        the longest the broker goes without hearing from each engine. Bounded to 1 ms … 10 s.
+        Two estimates, and the sooner counts. Measured: while the lane completes work
+        (anything in the last ``RATE_WINDOW_S``), the credits missing on the engine with the
+        most free, divided by that rate. Announced: each engine's in-flight requests are
+        assumed to complete in order at the throughput it announced in READY
+        (:meth:`free_in`), and the soonest engine counts. The measured rate is low for a lane
+        that was idle for part of the window (a bulk run starting up was told 2 s for what took
+        20 ms), and the announced one may be high for long inputs; a retry that comes too early
+        costs one cheap 429, one that comes too late leaves an engine idle. With neither: one
+        heartbeat interval, the longest the broker goes without hearing from each engine.
+        Bounded to 1 ms … 10 s.
         """
         peers = self.by_lane.get(lane, [])
         rate = self.lane_rate(lane, now)
+        waits = [w for e in peers if (w := self.free_in(e, n, now)) is not None]
         if rate > 0:
             missing = n - max((e.credits_free for e in peers), default=0)
-            wait_s = missing / rate
-        else:
-            waits = [w for e in peers if (w := self.free_in(e, n, now)) is not None]
-            wait_s = min(waits) if waits else self.heartbeat_interval_s
+            waits.append(missing / rate)
+        wait_s = min(waits) if waits else self.heartbeat_interval_s
         # (rounded first, so that float noise in 0.15 s does not make it 151 ms)
         return max(1, min(RETRY_AFTER_MAX_MS, math.ceil(round(wait_s * 1000, 6))))
 

@@ -229,7 +229,10 @@ class BulkPlan:
         return piece if piece.size else None
 
     def wake_at(self) -> float | None:
-        """When the earliest waiting retry is due (None: nothing waits)."""
+        """When the earliest waiting retry is due (None: nothing waits, or no room to send it:
+        then only a reply can make progress, and the caller waits for one)."""
+        if self._in_flight >= self.sizing.in_flight:
+            return None
         return min((piece.not_before for piece in self._waiting), default=None)
 
     @property
@@ -265,10 +268,15 @@ class BulkPlan:
             self.wants_info = True
             self._split(piece, exc)
             return
-        delay = retry_delay(exc, piece.attempt, self.backoff_s, deadline=True, rand=self.rand)
+        # A 429 waits what the broker estimates (its backoff does not grow: the lane is alive
+        # and busy, and a bulk run that waited longer than asked would only lose its turn).
+        overloaded = exc.status == p.OVERLOADED
+        delay = retry_delay(exc, 0 if overloaded else piece.attempt, self.backoff_s,
+                            deadline=True, rand=self.rand)
         if delay is None:
             raise exc
-        if exc.status != p.OVERLOADED:
+        if not overloaded:
+            piece.attempt += 1
             piece.failing_since = piece.failing_since or now
             if now - piece.failing_since > self.retry_for_s:
                 raise type(exc)(f"{exc.message} (inputs {piece.offset}..."
@@ -276,7 +284,6 @@ class BulkPlan:
                                 f"{self.retry_for_s:g} s of retries)", status=exc.status)
             if self.sizing.items <= PROVISIONAL_ITEMS:
                 self.wants_info = True  # perhaps sized before an engine was there
-        piece.attempt += 1
         piece.not_before = now + delay
         self.retries += 1
         self._waiting.append(piece)

@@ -80,7 +80,7 @@ def print_rows(chunk: EmbedChunk, labels: list[str], as_json: bool, echo: Callab
 
 
 def embed_file(client: Any, path: Path, kind: str, *, out: Path | None, normalize: bool,
-               input_type: str | None, batch_size: int | None, progress: bool,
+               input_type: str | None = None, batch_size: int | None, progress: bool,
                as_json: bool, echo: Callable[[str], Any], err: TextIO = sys.stderr,
                ) -> dict[str, Any]:
     """Embed every line of ``path``; write ``out`` or print the rows. Returns the summary."""
