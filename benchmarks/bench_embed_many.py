@@ -118,7 +118,7 @@ def timed_async(endpoint: str, n: int, seed: int) -> dict[str, Any]:
 
 def summary(vectors: Any, n: int, seconds: float, failed: list[int]) -> dict[str, Any]:
     empty = int((~np.abs(vectors).any(axis=1)).sum()) if len(vectors) else n
-    return {"items": int(len(vectors)), "seconds": round(seconds, 2),
+    return {"items": len(vectors), "seconds": round(seconds, 2),
             "items_per_s": round(n / seconds, 1), "failed_items": len(failed),
             "empty_rows": empty, "shape_ok": vectors.shape == (n, 384)}
 
