@@ -180,3 +180,34 @@ def test_embed_file_writes_every_line_and_names_the_bad_ones(lanes: Stack,
     with lanes.client(timeout=20) as c:
         want = c.embed_images([Path(paths[11]).read_bytes()]).vectors[0]
     np.testing.assert_allclose(vectors[11], want, atol=1e-2)  # may be a bf16 cache hit
+
+
+def test_info_announces_the_limits_and_each_lane(shared_stack: Stack) -> None:
+    with shared_stack.client() as c:
+        info = c.info()
+    assert info["limits"]["max_items"] == 256 and info["limits"]["max_request_bytes"] > 0
+    lane = info["lanes"]["text"]
+    assert lane["ready"] and lane["kinds"] == ["text"] and lane["dim"] == 384
+    assert lane["model"].endswith("all-MiniLM-L6-v2") and set(lane["fingerprints"]) == {"text"}
+    assert (lane["engines"], lane["credits_total"], lane["max_request_items"],
+            lane["max_batch"]) == (1, 64, 64, 32)
+    out = subprocess.run([*ZEMBED, "info", "--endpoint", shared_stack.frontend],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)["lanes"]["text"]["dim"] == 384
+
+
+def test_info_of_a_lane_without_engines(stack_factory: Callable[[], Stack]) -> None:
+    s = stack_factory()
+    s.start_broker("--lanes", "text,image")
+    with s.client(timeout=5) as c:
+        for _ in range(100):  # the broker may still be binding
+            try:
+                info = c.info(timeout=0.5)
+                break
+            except Exception:
+                continue
+        else:
+            pytest.fail("the broker never answered info")
+    image = info["lanes"]["image"]
+    assert image["kinds"] == ["clip-text", "image"]
+    assert (image["ready"], image["dim"], image["max_request_items"]) == (False, None, 0)

@@ -278,7 +278,9 @@ for _op, _help in (("ping", "Round trip to the broker (exit 1 if no answer)."),
                               "--timeout-s (a stuck loop answers nobody)."),
                    ("ready", "Readiness probe: every lane has a live, warm engine that answered its "
                              "last heartbeat, and the cache is reachable or off (exit 1 if not, "
-                             "naming what is missing).")):
+                             "naming what is missing)."),
+                   ("info", "The broker's request limits and, per lane, kinds, model, "
+                            "fingerprints, dim, credits and the largest request it takes now.")):
 
     def _make(op: str) -> Any:
         @config_file_option
