@@ -9,6 +9,7 @@ if __name__ != "zembed.client":  # the folder is installed as zembed.client only
 
 from zembed.cache.bf16 import from_bf16
 from zembed.client.aio import AsyncClient
+from zembed.client.bulk import EmbedChunk
 from zembed.client.codec import EmbedResult
 from zembed.client.sync import Client, Pending
 from zembed.errors import (
@@ -24,7 +25,8 @@ from zembed.errors import (
 )
 
 __all__ = [
-    "AsyncClient", "BadRequest", "Client", "ConnectionClosed", "DeadlineExceeded", "EmbedResult",
+    "AsyncClient", "BadRequest", "Client", "ConnectionClosed", "DeadlineExceeded", "EmbedChunk",
+    "EmbedResult",
     "EngineError", "EngineUnavailable", "Overloaded", "Pending", "TooLarge", "UnknownLane",
     "ZembedError", "from_bf16",
 ]

@@ -8,9 +8,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AsyncClient", "Client", "EmbedResult", "__version__"]
+__all__ = ["AsyncClient", "Client", "EmbedChunk", "EmbedResult", "__version__"]
 
-_SDK = frozenset({"AsyncClient", "Client", "EmbedResult"})
+_SDK = frozenset({"AsyncClient", "Client", "EmbedChunk", "EmbedResult"})
 
 
 def __getattr__(name: str) -> Any:
