@@ -180,7 +180,7 @@ def synthetic(seed: int) -> bytes:
     return synthetic_jpeg(64, 48, seed=seed)
 
 
-def test_client_only_cli(served: Stack, client_venv: Path) -> None:
+def test_client_only_cli(served: Stack, client_venv: Path, tmp_path: Path) -> None:
     endpoint = ["--endpoint", served.frontend, "--timeout-s", "30"]
     for probe in ("ping", "health", "ready"):
         out = zembed(client_venv, probe, *endpoint)
@@ -191,6 +191,18 @@ def test_client_only_cli(served: Stack, client_venv: Path) -> None:
     out = zembed(client_venv, "stats", "--once", "--json", "--stats-endpoint", served.stats)
     assert out.returncode == 0, out.stderr
     assert "text" in json.loads(out.stdout.splitlines()[0])["lanes"]
+    # cache warm goes through the broker like any client: texts, and image paths.
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    photos = []
+    for seed in range(3):
+        photos.append(tmp_path / f"photo{seed}.jpg")
+        photos[-1].write_bytes(synthetic(seed))
+    paths = tmp_path / "photos.txt"
+    paths.write_text("\n".join(map(str, photos)) + "\n", encoding="utf-8")
+    for listing, kind in ((texts, "text"), (paths, "image")):
+        out = zembed(client_venv, "cache", "warm", listing, "--kind", kind, *endpoint)
+        assert out.returncode == 0, (kind, out.stdout, out.stderr)
     # The broker's half of cache stats works; the Redis half says what it needs, in one line.
     out = zembed(client_venv, "cache", "stats", *endpoint)
     assert out.returncode == 0, out.stderr
