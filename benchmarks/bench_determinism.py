@@ -30,10 +30,8 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,10 +40,11 @@ import numpy.typing as npt
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from stacks import text_stack
+
 from zembed import protocol as p
 from zembed.cache.bf16 import to_bf16
 from zembed.tools.inputs import WORDS
-from zembed.tools.net import free_port
 
 Vec = npt.NDArray[np.float32]
 LENGTHS = (5, 8, 12, 16, 20, 24, 32, 48, 64, 100, 129, 200)
@@ -192,36 +191,13 @@ def probe(dtype: str) -> None:
 # -- throughput ------------------------------------------------------------------------------
 
 
-@contextmanager
-def stack(invariant: bool, seconds: float) -> Iterator[tuple[str, str]]:
+def stack(invariant: bool) -> Any:
     """Broker (cache off) + one text engine in the given mode; yields (endpoint, config file)."""
     from zembed.engines.text import bundled_model_path
 
-    fe, be, st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     # The model as a path, so that --raw (which loads what the engine announced) finds it offline.
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
-        fh.write(f'[broker]\nfrontend = "{fe}"\nbackend = "{be}"\nlanes = ["text"]\n'
-                 f'cache = "off"\nstats_endpoint = "{st}"\n'
-                 f'[text]\nbroker = "{be}"\nmodel = "{bundled_model_path()}"\n'
-                 f'batch_invariant = {str(invariant).lower()}\n'
-                 f'[client]\nendpoint = "{fe}"\nstats_endpoint = "{st}"\n')
-    z = [sys.executable, "-m", "zembed", "start"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([*z, "broker", "--config", fh.name], **quiet),  # type: ignore[call-overload]
-             subprocess.Popen([*z, "text", "--config", fh.name], **quiet)]  # type: ignore[call-overload]
-    try:
-        deadline = time.monotonic() + 180
-        while subprocess.run([sys.executable, "-m", "zembed", "ready", "--config", fh.name],
-                             capture_output=True).returncode != 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError("broker + text engine not ready in 180 s")
-            time.sleep(0.5)
-        yield fe, fh.name
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(15)
-        os.unlink(fh.name)
+    return text_stack(f'model = "{bundled_model_path()}"\n'
+                      f'batch_invariant = {str(invariant).lower()}\n')
 
 
 def bench_cli(config: str, seconds: float) -> dict[str, Any]:
@@ -265,7 +241,7 @@ def throughput(seconds: float, rounds: int) -> None:
                                                          "mix": {False: [], True: []}}
     for r in range(rounds):
         for invariant in (False, True):
-            with stack(invariant, seconds) as (endpoint, config):
+            with stack(invariant) as (endpoint, config):
                 bench_mix(endpoint, invariant, 2)  # warm the engine's shapes
                 runs["titles"][invariant].append(bench_cli(config, seconds))
                 runs["mix"][invariant].append(bench_mix(endpoint, invariant, seconds))

@@ -27,49 +27,20 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
+from stacks import text_stack
 
 from zembed import protocol as p
 from zembed.client import AsyncClient, Client
 from zembed.tools.bench import Bench, BenchSpec
 from zembed.tools.inputs import InputSource
-from zembed.tools.net import free_port
-
-
-@contextmanager
-def stack() -> Iterator[tuple[str, str]]:
-    """Broker (cache off) + one text engine with its defaults; yields (endpoint, config)."""
-    fe, be, st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
-        fh.write(f'[broker]\nfrontend = "{fe}"\nbackend = "{be}"\nlanes = ["text"]\n'
-                 f'cache = "off"\nstats_endpoint = "{st}"\n[text]\nbroker = "{be}"\n'
-                 f'[client]\nendpoint = "{fe}"\nstats_endpoint = "{st}"\n')
-    z = [sys.executable, "-m", "zembed", "start"]
-    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([*z, "broker", "--config", fh.name], **quiet),
-             subprocess.Popen([*z, "text", "--config", fh.name], **quiet)]
-    try:
-        deadline = time.monotonic() + 180
-        while subprocess.run([sys.executable, "-m", "zembed", "ready", "--config", fh.name],
-                             capture_output=True).returncode != 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError("broker + text engine not ready in 180 s")
-            time.sleep(0.5)
-        yield fe, fh.name
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(15)
-        os.unlink(fh.name)
 
 
 def capacity(endpoint: str, seconds: float) -> dict[str, Any]:
@@ -156,7 +127,7 @@ def main() -> None:
     args = ap.parse_args()
     out: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, "
                                       f"{os.cpu_count()} cores", "items": args.items}
-    with stack() as (endpoint, config):
+    with text_stack() as (endpoint, config):
         Bench(endpoint, BenchSpec(items=32, concurrency=2, duration_s=3), progress=False).run()
         out["capacity"] = capacity(endpoint, args.capacity_s)
         out["embed_many_sync"] = timed_sync(endpoint, args.items, seed=3)
