@@ -368,6 +368,7 @@ class BrokerState:
             "random_weights": bool(e.info.get("random_weights", False)),
             "pretrained": e.info.get("pretrained"), "dtype": e.info.get("dtype"),
             "batch_invariant": e.info.get("batch_invariant"),
+            "batch_invariant_holds": e.info.get("batch_invariant_holds"),
             "warmup_items_per_s": e.info.get("warmup_items_per_s"),
             "credits_total": e.credits_total, "credits_free": e.credits_free,
             "items_in_flight": e.credits_total - e.credits_free,

@@ -33,6 +33,9 @@ _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 #: many small passes) or 16 (too much padding).
 BUCKET_TOKENS = 8
 WARMUP_TEXT = "A short product title with a few words, about as long as a search query."
+#: The batch-invariance check's probe texts: this word repeated, for widths from 8 to 104 tokens.
+WARMUP_WORD = "shoes"
+INVARIANCE_PROBE_WORDS = (4, 12, 20, 44, 100)
 
 
 def bundled_model_path() -> Path:
@@ -119,6 +122,9 @@ class TextModel:
         self.dim = int(self.model.config.hidden_size)
         self.prefixes = {"query": cfg.query_prefix, "document": cfg.document_prefix}
         self.batch_invariant = cfg.batch_invariant
+        #: Whether this machine keeps an input's bits whatever its batch, as measured by
+        #: :meth:`check_batch_invariance` at warm-up (None: not measured, or the mode is off).
+        self.batch_invariant_holds: bool | None = None
         self.lane = cfg.lane
         self._fingerprint = self._make_fingerprint(weights_hash(model_dir))
 
@@ -147,7 +153,8 @@ class TextModel:
         """Facts for READY and stats."""
         return {"model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "pooling": self.pooling, "max_length": self.max_length,
-                "threads": torch.get_num_threads(), "batch_invariant": self.batch_invariant}
+                "threads": torch.get_num_threads(), "batch_invariant": self.batch_invariant,
+                "batch_invariant_holds": self.batch_invariant_holds}
 
     def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
         """Token ids per item: the configured query/document prefix, then the tokenizer.
@@ -231,4 +238,33 @@ class TextModel:
         for _ in range(rounds):
             self.encode(texts)
         elapsed = time.perf_counter() - start
+        if self.batch_invariant:
+            self.batch_invariant_holds = self.check_batch_invariance(batch)
         return {"warmup_items_per_s": round(rounds * batch / elapsed, 1)}
+
+    def check_batch_invariance(self, max_batch: int) -> bool:
+        """Measure whether an input's vector keeps its bits in a pass of any row count.
+
+        Length buckets fix every input's padding, but a pass's row count still follows the
+        batch, and some CPUs' kernels pick their blocking by it: on an AMX Xeon (torch 2.14,
+        oneDNN) a 16-token text came back with other last bits in passes of 3 to 23 rows than
+        alone, in bf16 and fp32 (benchmarks/README.md). Fixing the row count of every pass
+        would cost 2 to 3 times the throughput, so instead the engine measures, here, texts of
+        several widths alone and in passes of several row counts, and says in READY and stats
+        whether the guarantee holds on this machine. When it does not, vectors still agree to
+        rounding (cosine above 0.9999), and the engine logs that.
+        """
+        filler = self.prepare(p.KIND_TEXT, ["kettle"], None)[0]
+        counts = sorted({n for n in (2, 3, 4, 7, 8, 9, 16, 24, max_batch) if 1 < n <= max_batch})
+        for words in INVARIANCE_PROBE_WORDS:
+            ids = self.prepare(p.KIND_TEXT, [" ".join([WARMUP_WORD] * words)], None)[0]
+            width = self.padded_length(len(ids))
+            alone = self._pass([ids], width)[0]
+            for n in counts:
+                if not np.array_equal(self._pass([*[filler] * (n - 1), ids], width)[-1], alone):
+                    log.warning(
+                        "batch_invariant is on, but this machine's kernels change an input's last "
+                        "bits with the row count of its pass (%d-token width, %d rows): vectors "
+                        "agree to rounding, not bit for bit, and READY says so", width, n)
+                    return False
+        return True

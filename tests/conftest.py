@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,28 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def tiny_args(tiny: tuple[Path, Path]) -> list[str]:
     return ["--model", "zembed-tiny", "--model-config", str(tiny[0]), "--pretrained",
             str(tiny[1])]
+
+
+@contextmanager
+def both_lanes(tiny: tuple[Path, Path], *broker_args: str) -> Iterator[Stack]:
+    """Broker serving both lanes, one text engine, one tiny image engine (16 credits, batches
+    of 4, fp32; it is ``stack.engine``).
+
+    Default 1 s heartbeats: the saturation tests oversubscribe the 2 cores on purpose, and
+    liveness is tested elsewhere.
+    """
+    stack = new_stack()
+    try:
+        stack.start_broker("--lanes", "text,image", "--heartbeat-interval-ms", "1000",
+                           *broker_args)
+        stack.start_text("--heartbeat-interval-ms", "1000")
+        stack.engine = stack.start_image("--heartbeat-interval-ms", "1000", "--credits", "16",
+                                         "--max-batch", "4", "--dtype", "fp32", *tiny_args(tiny))
+        stack.wait_engines("text", 1)
+        stack.wait_engines("image", 1)
+        yield stack
+    finally:
+        stack.close()
 
 
 # -- a Redis of the test's own, on a random port ---------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Stack, new_stack, tiny_args
+from conftest import Stack, both_lanes
 from images import jpeg, png, write
 
 from zembed import protocol as p
@@ -101,18 +101,8 @@ def test_an_engine_killed_mid_run_costs_time_not_items(
 @pytest.fixture(scope="module")
 def lanes(tiny: tuple[Path, Path]) -> Iterator[Stack]:
     """Both lanes, with a memory cache (for `cache warm`), and a tiny image engine."""
-    stack = new_stack()
-    try:
-        stack.start_broker("--lanes", "text,image", "--cache", "memory",
-                           "--heartbeat-interval-ms", "1000")
-        stack.start_text("--heartbeat-interval-ms", "1000")
-        stack.start_image("--heartbeat-interval-ms", "1000", "--credits", "16",
-                          "--max-batch", "4", "--dtype", "fp32", *tiny_args(tiny))
-        stack.wait_engines("text", 1)
-        stack.wait_engines("image", 1)
+    with both_lanes(tiny, "--cache", "memory") as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def test_bad_images_are_reported_by_index_and_never_stop_the_run(lanes: Stack,

