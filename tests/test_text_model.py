@@ -104,3 +104,15 @@ def test_batch_invariant_is_announced_and_shares_the_fingerprint(base: TextModel
     a, b = base.encode(texts), padded.encode(texts)
     cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.9999
+
+
+def test_warmup_measures_whether_batch_invariance_holds_here() -> None:
+    """The check runs at warm-up only in the invariant mode, and READY's facts carry its answer."""
+    model = TextModel(TextEngineConfig(threads=1))
+    assert model.describe()["batch_invariant_holds"] is None  # not measured yet
+    model.warmup(8)
+    holds = model.describe()["batch_invariant_holds"]
+    assert holds is model.check_batch_invariance(8) and holds in (True, False)
+    padded = TextModel(TextEngineConfig(threads=1, batch_invariant=False))
+    padded.warmup(8)
+    assert padded.describe()["batch_invariant_holds"] is None  # nothing promised, nothing checked
