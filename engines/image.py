@@ -29,6 +29,7 @@ from zembed.engines.devices import default_threads, dtype_name, resolve_device, 
 from zembed.engines.gpudecode import JpegTensorPrep, TensorPreprocess, check_decode
 from zembed.engines.imageio import DecodeLimits, FetchPolicy, item_bytes, load_rgb, open_checked
 from zembed.engines.model import ItemError
+from zembed.tools.synthimg import synthetic_pixels
 
 log = logging.getLogger("zembed.engine.image")
 
@@ -218,12 +219,8 @@ class ImageModel:
 
 
 def synthetic_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
-    """A photo-like JPEG (smooth gradients plus noise) of the given size, made in memory."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
-    noise = rng.normal(0, 12, (height, width, 3))
-    pixels = np.clip(base + noise + rng.uniform(0, 55, 3), 0, 255).astype(np.uint8)
+    """A photo-like JPEG of the given size, encoded by Pillow (what the warm-up decodes)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    Image.fromarray(synthetic_pixels(width, height, seed)).save(buf, format="JPEG",
+                                                                quality=quality)
     return buf.getvalue()

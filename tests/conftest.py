@@ -44,6 +44,25 @@ def wait_until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
     pytest.fail(f"condition not met within {timeout}s")
 
 
+def scrape_metrics(port: int, timeout: float = 30.0) -> str:
+    """``/metrics`` of an exporter on 127.0.0.1:``port``, once it reports ``zembed_up 1``."""
+    import urllib.request
+
+    text = ""
+
+    def scraped() -> bool:
+        nonlocal text
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return False
+        return "zembed_up 1.0" in text
+
+    wait_until(scraped, timeout)
+    return text
+
+
 @dataclass
 class Proc:
     """A child process we started; ``stop`` is idempotent."""

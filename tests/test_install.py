@@ -18,13 +18,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Proc, Stack, new_stack, tiny_args, wait_until
+from conftest import Proc, Stack, new_stack, scrape_metrics, tiny_args
 
 from zembed.tools.net import free_port
 
@@ -223,19 +222,8 @@ def test_client_only_exporter(served: Stack, client_venv: Path) -> None:
     proc = subprocess.Popen([client_venv / "bin" / "zembed", "exporter", "--port", str(port),
                              "--stats-endpoint", served.stats], stderr=subprocess.PIPE,
                             cwd=Path.home())
-    text = ""
-
-    def scraped() -> bool:
-        nonlocal text
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return False
-        return "zembed_up 1.0" in text
-
     try:
-        wait_until(scraped, 30)
+        text = scrape_metrics(port)
     finally:
         proc.terminate()
         try:

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import RedisServer, Stack, free_port, wait_until
+from conftest import RedisServer, Stack, free_port, scrape_metrics, wait_until
 
 from zembed.client import Client
 from zembed.errors import Overloaded, TooLarge, ZembedError
@@ -139,18 +138,7 @@ def test_exporter_serves_the_documented_names(stats_stack: Stack) -> None:
         with stats_stack.client() as c:
             c.embed_texts(["exported"])
             sent = c.stats()["lanes"]["text"]["requests"]["200"]
-        text = ""
-
-        def scraped() -> bool:
-            nonlocal text
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-                    text = r.read().decode()
-            except OSError:
-                return False
-            return "zembed_up 1.0" in text
-
-        wait_until(scraped, 30)
+        text = scrape_metrics(port)
     finally:
         proc.terminate()
         try:

@@ -40,14 +40,18 @@ _AC_CODE[_AC_SYMBOLS] = np.arange(len(_AC_SYMBOLS))
 _DC_BITS, _AC_BITS = 4, 8
 
 
-def synthetic_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
-    """A photo-like JPEG (smooth gradients plus noise) of the given size, made in memory."""
+def synthetic_pixels(width: int, height: int, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """A photo-like RGB picture (smooth gradients plus noise), ``(height, width, 3)`` uint8."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
     noise = rng.normal(0, 12, (height, width, 3))
-    pixels = np.clip(base + noise + rng.uniform(0, 55, 3), 0, 255).astype(np.uint8)
-    return encode_jpeg(pixels, quality)
+    return np.clip(base + noise + rng.uniform(0, 55, 3), 0, 255).astype(np.uint8)
+
+
+def synthetic_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:
+    """A photo-like JPEG of the given size, made in memory without Pillow."""
+    return encode_jpeg(synthetic_pixels(width, height, seed), quality)
 
 
 def _tables(quality: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
