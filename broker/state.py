@@ -367,6 +367,7 @@ class BrokerState:
             "kinds": sorted(e.kinds), "device": e.info.get("device"),
             "random_weights": bool(e.info.get("random_weights", False)),
             "pretrained": e.info.get("pretrained"), "dtype": e.info.get("dtype"),
+            "pipeline": e.info.get("pipeline"),
             "batch_invariant": e.info.get("batch_invariant"),
             "batch_invariant_holds": e.info.get("batch_invariant_holds"),
             "warmup_items_per_s": e.info.get("warmup_items_per_s"),

@@ -21,6 +21,7 @@ import torch
 from zembed import protocol as p
 from zembed.config import TextEngineConfig
 from zembed.engines.devices import default_threads, dtype_name, resolve_device, resolve_dtype
+from zembed.engines.stpipeline import read_pipeline
 
 log = logging.getLogger("zembed.engine.text")
 
@@ -74,16 +75,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def pooling_mode(model_dir: Path) -> str:
-    """'mean' or 'cls' as the sentence-transformers pooling config says (mean by default)."""
-    cfg = read_json(model_dir / "1_Pooling" / "config.json")
-    if cfg.get("pooling_mode_cls_token"):
-        return "cls"
-    if cfg.get("pooling_mode_mean_tokens", True):
-        return "mean"
-    raise ValueError(f"{model_dir}: only mean and CLS pooling are supported, config says {cfg}")
-
-
 def weights_hash(model_dir: Path) -> str:
     """blake2b of the weight files, so new weights under the same name change the fingerprint."""
     digest = hashlib.blake2b(digest_size=16)
@@ -116,7 +107,10 @@ class TextModel:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
-        self.pooling = pooling_mode(model_dir)
+        #: Raises UnsupportedPipeline (naming the module) for what would not be run as declared.
+        self.pipeline = read_pipeline(model_dir)
+        self.pooling = self.pipeline.pooling
+        log.info("%s: %s", self.name, self.pipeline.description)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.max_length = self._max_length(cfg, model_dir)
         self.dim = int(self.model.config.hidden_size)
@@ -153,6 +147,7 @@ class TextModel:
         """Facts for READY and stats."""
         return {"model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "pooling": self.pooling, "max_length": self.max_length,
+                "pipeline": self.pipeline.description,
                 "threads": torch.get_num_threads(), "batch_invariant": self.batch_invariant,
                 "batch_invariant_holds": self.batch_invariant_holds}
 

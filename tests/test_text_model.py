@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from zembed.config import TextEngineConfig
-from zembed.engines.text import TextModel, bundled_model_path, pooling_mode, resolve_model_dir
+from zembed.engines.stpipeline import UnsupportedPipeline, read_pipeline
+from zembed.engines.text import TextModel, bundled_model_path, resolve_model_dir
 
 TEXTS = ["a cat sits on the mat", "stock markets fell sharply today"]
 
@@ -59,8 +60,8 @@ def test_unsupported_pooling_is_refused(tmp_path: Path) -> None:
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(
         '{"pooling_mode_mean_tokens": false, "pooling_mode_max_tokens": true}')
-    with pytest.raises(ValueError, match="mean and CLS"):
-        pooling_mode(tmp_path)
+    with pytest.raises(UnsupportedPipeline, match="pooling_mode_max_tokens; zembed computes mean"):
+        read_pipeline(tmp_path)
 
 
 def test_prefixes_and_dtype_enter_the_fingerprint(base: TextModel) -> None:

@@ -58,13 +58,14 @@ def start_text(config_file: str | None, **flags: Any) -> None:
     """Run a text engine (sentence-embedding transformer) for the broker at --broker."""
     from zembed import logs
     from zembed.engines.launch import serve_text
+    from zembed.engines.stpipeline import UnsupportedPipeline
     from zembed.security import CurveKeyError
 
     cfg = cfgmod.load(cfgmod.TextEngineConfig, config_file=config_file, flags=flags)
     logs.setup(cfg.log_level, "text")
     try:
         serve_text(cfg)
-    except CurveKeyError as exc:
+    except (CurveKeyError, UnsupportedPipeline) as exc:
         raise click.ClickException(str(exc)) from None
 
 
