@@ -28,9 +28,9 @@ from zembed.client.codec import (
     reply_id,
     retry_delay,
 )
-from zembed.client.images import image_item, image_items
+from zembed.client.images import image_items
 from zembed.client.progress import Assembler, BulkReport, ItemErrorCallback, ProgressCallback
-from zembed.errors import BadRequest, ConnectionClosed, EngineUnavailable, ZembedError
+from zembed.errors import ConnectionClosed, EngineUnavailable, ZembedError
 
 #: While no connection is up, a send is tried again this often.
 SEND_RETRY_S = 0.02
@@ -148,8 +148,7 @@ class AsyncClient:
         """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
         ``cached_items``), read from ``items`` only as fast as they are embedded."""
         plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight),
-                        retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype,
-                        convert=image_item if kind == p.KIND_IMAGE else None)
+                        retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype)
         lane = KIND_LANES[kind]
         tasks: dict[asyncio.Future[EmbedResult], Piece] = {}
         try:
@@ -181,8 +180,6 @@ class AsyncClient:
     async def _sizing(self, kind: str, batch_size: int | None,
                       in_flight: int | None) -> Sizing:
         """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
-        if kind not in KIND_LANES:
-            raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
         return Sizing.from_info(await self.info(), kind, items=batch_size, in_flight=in_flight)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:

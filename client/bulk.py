@@ -35,7 +35,8 @@ import numpy as np
 
 from zembed import protocol as p
 from zembed.client.codec import EmbedResult, Vectors, retry_delay
-from zembed.errors import TooLarge, UnknownLane, ZembedError
+from zembed.client.images import image_item
+from zembed.errors import BadRequest, TooLarge, UnknownLane, ZembedError
 
 #: The lane that serves each kind.
 KIND_LANES = {p.KIND_TEXT: p.LANE_TEXT, p.KIND_CLIP_TEXT: p.LANE_IMAGE,
@@ -80,6 +81,8 @@ class Sizing:
         ``items`` and ``in_flight`` override what the broker suggests (``items`` is still
         capped by what the lane can take).
         """
+        if kind not in KIND_LANES:
+            raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
         limits, lanes = info.get("limits", {}), info.get("lanes", {})
         lane = lanes.get(KIND_LANES[kind])
         if lane is None:
@@ -147,7 +150,8 @@ class BulkPlan:
     :param items: the inputs, read lazily (an iterator is consumed once, as far as needed).
     :param kind: ``text``, ``clip-text`` or ``image``.
     :param sizing: request size and requests in flight (:meth:`Sizing.from_info`).
-    :param convert: turns an input into a wire item (image paths, PIL images); may raise.
+    :param convert: turns an input into a wire item; may raise. By default, for images,
+        :func:`~zembed.client.images.image_item` (paths read, PIL images encoded here).
     :param retry_for_s: how long a request may keep failing with 503/504 before the run fails.
     :param backoff_s: first backoff step for 503/504.
     :param dtype: ``f32`` or ``bf16``, for the zero rows of failed items.
@@ -159,7 +163,7 @@ class BulkPlan:
                  rand: Callable[[], float] = random.random) -> None:
         self.kind = kind
         self.sizing = sizing
-        self.convert = convert
+        self.convert = convert or (image_item if kind == p.KIND_IMAGE else None)
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
         self.rand = rand

@@ -37,9 +37,9 @@ from zembed.client.codec import (
     reply_id,
     retry_delay,
 )
-from zembed.client.images import image_item, image_items
+from zembed.client.images import image_items
 from zembed.client.progress import BulkReport, ItemErrorCallback, ProgressCallback, gather
-from zembed.errors import BadRequest, ConnectionClosed, EngineUnavailable, ZembedError
+from zembed.errors import ConnectionClosed, EngineUnavailable, ZembedError
 
 #: A bulk run without replies or retries due wakes at least this often (to re-read ``info``).
 BULK_TICK_S = 0.5
@@ -183,7 +183,7 @@ class Client:
         ``cached_items``), read from ``items`` only as fast as they are embedded."""
         sizing = self._sizing(kind, batch_size, in_flight)
         plan = BulkPlan(items, kind, sizing, retry_for_s=retry_for, backoff_s=self.backoff,
-                        dtype=dtype, convert=image_item if kind == p.KIND_IMAGE else None)
+                        dtype=dtype)
         sent: dict[int, tuple[Pending, Piece]] = {}
         try:
             while not plan.done:
@@ -201,8 +201,6 @@ class Client:
 
     def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None) -> Sizing:
         """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
-        if kind not in KIND_LANES:
-            raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
         return Sizing.from_info(self.info(), kind, items=batch_size, in_flight=in_flight)
 
     def _submit_piece(self, plan: BulkPlan, piece: Piece, normalize: bool, dtype: str,

@@ -64,6 +64,8 @@ def test_requests_fill_a_forward_pass_with_the_next_one_waiting() -> None:
     assert (idle.items, idle.in_flight) == (8, 1)  # provisional until an engine is there
     with pytest.raises(UnknownLane):
         Sizing.from_info({"limits": {}, "lanes": {"text": {}}}, "image")
+    with pytest.raises(BadRequest, match="kind must be one of"):
+        Sizing.from_info(info(), "audio")
 
 
 def test_inputs_are_read_only_as_far_as_needed() -> None:
