@@ -19,7 +19,7 @@ import zmq
 from zembed import protocol as p
 from zembed.broker.pending import ClientRequest, PendingTable, item_errors_by_position
 from zembed.broker.replies import Replier, SendSocket, retry_after_ms
-from zembed.broker.state import BrokerState, Engine, Inflight
+from zembed.broker.state import BrokerState, Engine, Inflight, LaneModel
 from zembed.cache.backends import Cache
 from zembed.cache.keys import item_keys, key_prefix
 from zembed.cache.values import decode_value, encode_value
@@ -73,11 +73,13 @@ class EmbedFlow:
 
     def submit(self, batch: list[ClientRequest], now: float) -> list[bytes]:
         """Serve a turn's requests; returns engines found unreachable while dispatching."""
+        batch = [req for req in batch if self.admissible(req)]
         for req in batch:
             model = self.state.models.get(req.lane)
             fingerprint = model.fingerprints.get(req.kind) if model else None
             req.keys = (item_keys(key_prefix(self.cache_prefix, req.kind, fingerprint,
-                                             req.normalize, req.input_type), req.items)
+                                             req.normalize, req.input_type, req.dimensions),
+                                  req.items)
                         if fingerprint else [None] * req.n)
         hits = self.lookup(batch)
         if hits is None:  # the cache could not be read: every lookup was an error (and a miss)
@@ -92,22 +94,44 @@ class EmbedFlow:
                 self.replier.request_error(req, p.UNAVAILABLE,
                                            f"no engine serves lane {req.lane!r} right now")
                 continue
-            gone = self.serve(req, [hits.get(k) if k else None for k in req.keys], model.dim, now)
+            gone = self.serve(req, [hits.get(k) if k else None for k in req.keys],
+                              req.dimensions or model.dim, now)
             if gone is not None:
                 lost.append(gone)
         return lost
+
+    def admissible(self, req: ClientRequest) -> bool:
+        """Check what only the lane's model can judge (its ``dimensions`` and prompts); a
+        request it refuses is answered 400 here, before any cache lookup or engine.
+
+        A lane whose model is not known yet passes: it is answered as a lane without engines.
+        A ``dimensions`` equal to the model's dim is dropped: the request is a full one then.
+        """
+        model = self.state.models.get(req.lane)
+        if model is None:
+            return True
+        error = (dimensions_refusal(req.lane, req.dimensions, model)
+                 or prompt_refusal(req.lane, req.input_type, model))
+        if error is not None:
+            self.replier.request_error(req, p.BAD_REQUEST, error)
+            return False
+        if req.dimensions == model.dim:
+            req.dimensions = None
+        return True
 
     def lookup(self, batch: list[ClientRequest]) -> dict[bytes, bytes] | None:
         """One cache round trip for all keys of the batch: key -> BF16 words of valid hits.
 
         None when the cache could not be read (down, failing): all misses, counted as errors.
+        A stored value must have the width the request asks for (its ``dimensions`` or the
+        model's dim, which the key implies too); any other is corrupt.
         """
         wanted: dict[bytes, int] = {}
         for req in batch:
             model = self.state.models.get(req.lane)
             for key in req.keys:
                 if key is not None and model is not None:
-                    wanted[key] = model.dim
+                    wanted[key] = req.dimensions or model.dim
         if not wanted:
             return {}
         keys = list(wanted)
@@ -145,7 +169,7 @@ class EmbedFlow:
         except ZembedError as exc:
             self.replier.request_error(req, exc.status, exc.message, retry_after_ms(exc))
             return None
-        flight = self.state.dispatch(engine, len(plan.send), req.deadline, now)
+        flight = self.state.dispatch(engine, len(plan.send), req.deadline, now, req.dim)
         self.pending.launch(flight.token, req, plan)
         self.pending.track(req)
         if not self.send_request(engine, flight, req, [req.items[i] for i in plan.send]):
@@ -159,6 +183,8 @@ class EmbedFlow:
             "deadline_ms": max(1, math.ceil((req.deadline - self.clock()) * 1000))}
         if req.input_type is not None:
             header["input_type"] = req.input_type
+        if req.dimensions is not None:
+            header["dimensions"] = req.dimensions
         return send_engine(self.backend, engine.identity, p.REQUEST, header, packb(items))
 
     # -- engine results in -----------------------------------------------------------------
@@ -174,9 +200,9 @@ class EmbedFlow:
         engine.note_reply(header)
         status = header.get("status")
         buf = body.buffer
-        if status == p.OK and len(buf) != flight.n * engine.dim * 2:
+        if status == p.OK and len(buf) != flight.n * flight.dim * 2:
             status, header = p.ENGINE_ERROR, {
-                "error": f"engine sent {len(buf)} bytes for {flight.n}x{engine.dim} bf16"}
+                "error": f"engine sent {len(buf)} bytes for {flight.n}x{flight.dim} bf16"}
         if status != p.OK:
             status = status if status in p.STATUSES else p.ENGINE_ERROR
             for req in self.pending.fail(flight.token):
@@ -187,7 +213,7 @@ class EmbedFlow:
         for req in done:
             self.replier.vectors(req)
         if fresh:
-            self.cache.set_many([(key, encode_value(words, engine.dim)) for key, words in fresh])
+            self.cache.set_many([(key, encode_value(words, flight.dim)) for key, words in fresh])
 
     def on_engine_lost(self, flights: list[Inflight], why: str) -> int:
         """503 for every request waiting on the lost engine's flights; how many were answered."""
@@ -211,3 +237,31 @@ class EmbedFlow:
         for token in list(self.pending.flights):
             for req in self.pending.fail(token):
                 self.replier.request_error(req, p.UNAVAILABLE, why)
+
+
+def dimensions_refusal(lane: str, dimensions: int | None, model: LaneModel) -> str | None:
+    """Why ``lane``'s model cannot answer a request for ``dimensions`` (None: it can).
+
+    The full dim is always fine (it is the request without ``dimensions``); anything smaller
+    needs every engine of the lane to truncate (READY ``dimensions: true``).
+    """
+    if dimensions is None or dimensions == model.dim:
+        return None
+    if dimensions > model.dim:
+        return (f"dimensions must be at most {model.dim} (the dim of the model of lane "
+                f"{lane!r}), got {dimensions}")
+    if not model.dimensions:
+        return (f"the model of lane {lane!r} does not allow dimensions (Matryoshka "
+                f"truncation to fewer than its {model.dim}): leave dimensions out, or have "
+                "the operator start the lane's engines with --dimensions on")
+    return None
+
+
+def prompt_refusal(lane: str, input_type: str | None, model: LaneModel) -> str | None:
+    """Why ``lane``'s model has no prompt ``input_type`` (None: query, document or a prompt
+    its engines announced)."""
+    if input_type is None or input_type in p.INPUT_TYPES or input_type in model.prompts:
+        return None
+    names = ", ".join(sorted(model.prompts)) or "none"
+    return (f"unknown prompt {input_type!r} for lane {lane!r}: its model's prompts are "
+            f"{names} (input_type may also be " + " or ".join(sorted(p.INPUT_TYPES)) + ")")

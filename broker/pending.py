@@ -34,8 +34,10 @@ class ClientRequest:
     items: list[Any]
     deadline: float
     started: float
+    #: Matryoshka truncation asked for; None for the model's full dim (also when asked for it).
+    dimensions: int | None = None
     keys: list[bytes | None] = field(default_factory=list)
-    dim: int = 0
+    dim: int = 0  # the width of its rows: ``dimensions`` or the lane's dim
     rows: bytearray = field(default_factory=bytearray)
     missing: int = 0
     cached: list[int] = field(default_factory=list)  # item indices served from the cache
@@ -85,6 +87,9 @@ class PendingTable:
     def plan(self, req: ClientRequest, hits: list[bytes | None], dim: int,
              now: float) -> Plan:
         """Fill cache hits, join flights in the air; return the item indices still to send.
+
+        ``dim`` is the width of the request's rows (its ``dimensions``, or the lane's dim).
+        Flights are joined by cache key, which holds the width, so rows always fit.
 
         Items with the same key as an earlier one in the request are not sent twice: they wait
         on the first one's row. ``hits[i]`` are the BF16 words of item ``i`` or None. A flight is

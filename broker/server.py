@@ -246,10 +246,10 @@ class Broker:
             if self.replier.refuses(identity):
                 self.counters["refused_not_reading"] += 1
                 raise Overloaded(NOT_READING, retry_after=NOT_READING_RETRY_S)
-            lane, kind, normalize, dtype, deadline_ms, n, input_type = parse_embed_header(
-                header, self.lane_kinds, self.limits)
+            fields = parse_embed_header(header, self.lane_kinds, self.limits)
+            lane, n = fields.lane, fields.n
             self.state.stats[lane].bytes_in += len(frames[2]) + len(frames[3])
-            items = parse_items(frames[3].buffer, kind, n, self.limits)
+            items = parse_items(frames[3].buffer, fields.kind, n, self.limits)
         except ZembedError as exc:
             if isinstance(exc, HeaderRefused):  # a refused header may still name its id
                 rid = exc.rid
@@ -259,8 +259,9 @@ class Broker:
                                retry_after_ms=retry_after_ms(exc))
             return
         now = time.monotonic()
-        self._batch.append(ClientRequest(identity, rid, lane, kind, normalize, dtype, input_type,
-                                         items, now + deadline_ms / 1000, now))
+        self._batch.append(ClientRequest(
+            identity, rid, lane, fields.kind, fields.normalize, fields.dtype, fields.input_type,
+            items, now + fields.deadline_ms / 1000, now, fields.dimensions))
 
     def answer_management(self, identity: bytes, rid: int, op: str) -> None:
         """Answer ping/health/ready/stats/info at once from the loop's own state."""

@@ -16,6 +16,7 @@ from typing import Any
 from zembed import protocol as p
 from zembed.broker.metrics import Histogram, LatencyWindow
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
+from zembed.messages import is_prompt_name
 
 #: Window over which a lane's completion rate is measured for ``retry_after_ms``.
 RATE_WINDOW_S = 2.0
@@ -81,14 +82,46 @@ class Inflight:
     n: int
     deadline: float
     started: float
+    dim: int = 0  # width of the rows asked for (the request's ``dimensions`` or the full dim)
 
 
 @dataclass(slots=True)
 class LaneModel:
-    """What the lane's engines announced: kept after they die, so cache hits still resolve."""
+    """What the lane's engines announced: kept after they die, so cache hits still resolve.
+
+    ``dimensions``: every engine of the lane takes a ``dimensions`` request (Matryoshka
+    truncation); a request with one may go to any of them. ``prompts``: the named prompts an
+    ``input_type`` may select, besides ``query`` and ``document``. ``default_prompt``: the one
+    applied when a request names none (informational).
+    """
 
     dim: int
     fingerprints: dict[str, str]
+    dimensions: bool = False
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str | None = None
+
+
+def announces_dimensions(info: dict[str, Any]) -> bool:
+    """An engine's READY ``dimensions``: true only if it says so (missing or junk: false)."""
+    return info.get("dimensions") is True
+
+
+def announced_prompts(info: dict[str, Any]) -> dict[str, str]:
+    """An engine's READY ``prompts`` (name -> prompt text); entries that are not str -> str,
+    or whose name no ``input_type`` could carry, are ignored (missing: none)."""
+    raw = info.get("prompts")
+    if not isinstance(raw, dict):
+        return {}
+    return {name: text for name, text in raw.items()
+            if isinstance(name, str) and isinstance(text, str) and is_prompt_name(name)}
+
+
+def announced_default_prompt(info: dict[str, Any]) -> str | None:
+    """An engine's READY ``default_prompt``, if it is a str."""
+    value = info.get("default_prompt")
+    return value if isinstance(value, str) else None
+
 
 
 @dataclass(slots=True)
@@ -188,8 +221,18 @@ class BrokerState:
         self.engines[identity] = engine
         peers.append(engine)
         self.stats[lane].engines_registered += 1
-        self.models[lane] = LaneModel(dim, {str(k): str(v) for k, v in fingerprints.items()})
+        self.models[lane] = LaneModel(
+            dim, {str(k): str(v) for k, v in fingerprints.items()},
+            prompts=announced_prompts(info), default_prompt=announced_default_prompt(info))
+        self._refresh_dimensions(lane)
         return engine
+
+    def _refresh_dimensions(self, lane: str) -> None:
+        """The lane takes ``dimensions`` while every engine in it does (with none left, what
+        the last ones said stands: cache hits may still answer such a request)."""
+        model, peers = self.models.get(lane), self.by_lane[lane]
+        if model is not None and peers:
+            model.dimensions = all(announces_dimensions(e.info) for e in peers)
 
     def touch(self, identity: bytes, now: float) -> Engine | None:
         """Record that an engine spoke (any message is a heartbeat); None if unknown."""
@@ -205,6 +248,7 @@ class BrokerState:
             return []
         self.by_lane[engine.lane].remove(engine)
         self.stats[engine.lane].engines_lost += 1
+        self._refresh_dimensions(engine.lane)
         return [self.inflight.pop(t) for t in engine.inflight if t in self.inflight]
 
     def dead_engines(self, now: float) -> list[bytes]:
@@ -240,9 +284,15 @@ class BrokerState:
             retry_after=self.retry_after_ms(lane, n, now) / 1000,
         )
 
-    def dispatch(self, engine: Engine, n: int, deadline: float, now: float) -> Inflight:
-        """Take ``n`` credits from ``engine`` and record the engine request as in flight."""
-        req = Inflight(next(self._tokens), engine.lane, engine.identity, n, deadline, now)
+    def dispatch(self, engine: Engine, n: int, deadline: float, now: float,
+                 dim: int | None = None) -> Inflight:
+        """Take ``n`` credits from ``engine`` and record the engine request as in flight.
+
+        ``dim`` is the width of the rows it asks for (a ``dimensions`` request's), by default
+        the engine's full dim: its REPLY must carry ``n x dim`` words.
+        """
+        req = Inflight(next(self._tokens), engine.lane, engine.identity, n, deadline, now,
+                       dim or engine.dim)
         engine.credits_free -= n
         engine.inflight.add(req.token)
         engine.last_sent = now
@@ -368,6 +418,9 @@ class BrokerState:
             "random_weights": bool(e.info.get("random_weights", False)),
             "pretrained": e.info.get("pretrained"), "dtype": e.info.get("dtype"),
             "pipeline": e.info.get("pipeline"),
+            "dimensions": announces_dimensions(e.info),
+            "prompts": sorted(announced_prompts(e.info)),
+            "default_prompt": announced_default_prompt(e.info),
             "batch_invariant": e.info.get("batch_invariant"),
             "batch_invariant_holds": e.info.get("batch_invariant_holds"),
             "warmup_items_per_s": e.info.get("warmup_items_per_s"),
@@ -410,7 +463,8 @@ class BrokerState:
         ``max_request_items`` is the largest request the lane can take at all: the broker's
         ``max_items`` or the biggest live engine's credits, whichever is smaller (0 while no
         engine is live). ``max_batch`` is the biggest engine batch, so bulk clients can send
-        requests that fill a forward pass while the next one waits its turn.
+        requests that fill a forward pass while the next one waits its turn. ``dimensions``,
+        ``prompts`` (names) and ``default_prompt`` say what a request may ask of the model.
         """
         live = [e for e in self.by_lane[lane] if self.is_live(e, now)]
         model = self.models.get(lane)
@@ -425,6 +479,9 @@ class BrokerState:
             "credits_free": sum(e.credits_free for e in live),
             "max_request_items": min(max_items, biggest),
             "max_batch": max((e.max_batch for e in live), default=0),
+            "dimensions": model.dimensions if model else False,
+            "prompts": sorted(model.prompts) if model else [],
+            "default_prompt": model.default_prompt if model else None,
         }
 
     def snapshot(self, now: float) -> dict[str, Any]:

@@ -1,12 +1,15 @@
 """Cache keys: everything that changes a vector is in the key, so a stale vector is never served.
 
-``{prefix}:v1:{kind}:{fingerprint}:{n|r}:{input_type|-}:{blake2b-128 of the item}``
+``{prefix}:v1:{kind}:{fingerprint}:{n|r}[@{d}]:{input_type|-}:{blake2b-128 of the item}``
 
 - ``kind``: text, clip-text or image (the two CLIP towers never share entries);
 - ``fingerprint``: the engine's model fingerprint for that kind (model, weights hash, dim,
   pooling, max length, prompt prefixes, dtype);
-- ``n``/``r``: normalised or raw;
-- ``input_type``: which prompt prefix the engine applied (``query``/``document``), ``-`` if none;
+- ``n``/``r``: normalised or raw; ``n@{d}``/``r@{d}`` for a vector truncated to its first ``d``
+  dimensions (a request's ``dimensions`` below the model's dim). A full-dimension vector keeps
+  the plain flag, so the keys written before truncation existed stay valid;
+- ``input_type``: which named prompt the engine applied (``query``, ``document`` or another of
+  the model's prompts), ``-`` if none;
 - the content hash: of the exact UTF-8 bytes of a text, the bytes of an image, or the UTF-8 of a
   ``data:`` URI. http(s) URL items are never cached: what a URL serves can change.
 
@@ -36,9 +39,15 @@ def content_hash(item: Any) -> bytes | None:
 
 
 def key_prefix(prefix: str, kind: str, fingerprint: str, normalize: bool,
-               input_type: str | None) -> bytes:
-    """Everything of a key but the content hash (shared by all items of a request)."""
+               input_type: str | None, dimensions: int | None = None) -> bytes:
+    """Everything of a key but the content hash (shared by all items of a request).
+
+    ``dimensions`` is the truncated width, or None for the model's full dim: the broker passes
+    None when a request asks for the full dim, so both forms share one entry.
+    """
     flag = "n" if normalize else "r"
+    if dimensions is not None:
+        flag = f"{flag}@{dimensions}"
     return f"{prefix}:{KEY_VERSION}:{kind}:{fingerprint}:{flag}:{input_type or '-'}:".encode()
 
 

@@ -30,6 +30,20 @@ def test_keys_separate_everything_that_changes_a_vector() -> None:
     assert prefix == b"zembed:v1:text:text-aaa:n:-:"
 
 
+def test_truncated_vectors_have_keys_of_their_own_and_full_ones_keep_theirs() -> None:
+    """``dimensions`` is in the key as ``n@{d}``/``r@{d}``; without it (the full dim) the key
+    is the one written before truncation existed, so an upgrade invalidates nothing."""
+    assert key_prefix("zembed", "text", "fp", True, "query", 256) == (
+        b"zembed:v1:text:fp:n@256:query:")
+    assert key_prefix("zembed", "text", "fp", False, None, 64) == b"zembed:v1:text:fp:r@64:-:"
+    full = key_prefix("zembed", "text", "fp", True, "query", None)
+    assert full == key_prefix("zembed", "text", "fp", True, "query") == (
+        b"zembed:v1:text:fp:n:query:")
+    widths = [None, 64, 128, 256]
+    keys = {item_keys(key_prefix("z", "text", "fp", True, None, d), ["same"])[0] for d in widths}
+    assert len(keys) == len(widths)
+
+
 def test_content_hash() -> None:
     assert content_hash("é") == content_hash("é") != content_hash("e")
     assert content_hash(b"\x89PNG") != content_hash("\x89PNG")
@@ -46,6 +60,9 @@ def test_values_round_trip_and_reject_mismatches() -> None:
     assert decode_value(value[:-1], DIM) is None  # truncated
     assert decode_value(b"XX" + value[2:], DIM) is None  # foreign value
     assert decode_value(b"", DIM) is None
+    short = encode_value(words(7)[:2 * (DIM - 1)], DIM - 1)  # a truncated vector's value
+    assert decode_value(short, DIM - 1) == words(7)[:2 * (DIM - 1)]
+    assert decode_value(short, DIM) is None  # never served for another width
 
 
 def test_memory_cache_is_a_bounded_lru_with_ttl() -> None:

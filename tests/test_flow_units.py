@@ -3,6 +3,7 @@ by a fake clock and fake sockets: every decision checked without processes or ti
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from zembed.broker.replies import TRACK_MIN_BYTES, UNTIMED_HOLD_S, Replier
 from zembed.broker.state import BrokerState
 from zembed.cache.backends import MemoryCache
 from zembed.cache.bf16 import to_bf16
+from zembed.cache.keys import item_keys, key_prefix
 
 DIM = 4
 ENGINE = b"engine-1"
@@ -74,7 +76,8 @@ def headers(sock: FakeSocket, identity: bytes, at: int) -> list[dict[str, Any]]:
 class Broker:
     """EmbedFlow + Replier + BrokerState wired as the broker wires them, with fakes."""
 
-    def __init__(self, credits: int = 8, backlog_bytes: int = 1 << 20) -> None:
+    def __init__(self, credits: int = 8, backlog_bytes: int = 1 << 20,
+                 **ready: Any) -> None:
         self.clock = Clock()
         self.front, self.back = FakeSocket(), FakeSocket()
         self.state = BrokerState(("text",))
@@ -85,15 +88,15 @@ class Broker:
         self.flow = EmbedFlow(self.state, self.cache, self.replier, self.back, "t",
                               clock=self.clock)
         self.state.register(ENGINE, {"lane": "text", "kinds": ["text"], "fingerprint": "fp",
-                                     "dim": DIM, "credits": credits}, self.clock())
+                                     "dim": DIM, "credits": credits, **ready}, self.clock())
         self._rid = 0
 
-    def request(self, items: list[str], deadline_s: float = 10.0,
-                client: bytes = CLIENT) -> ClientRequest:
+    def request(self, items: list[str], deadline_s: float = 10.0, client: bytes = CLIENT,
+                dimensions: int | None = None, input_type: str | None = None) -> ClientRequest:
         self._rid += 1
         now = self.clock()
-        return ClientRequest(client, self._rid, "text", "text", True, "f32", None, items,
-                             now + deadline_s, now)
+        return ClientRequest(client, self._rid, "text", "text", True, "f32", input_type, items,
+                             now + deadline_s, now, dimensions)
 
     def submit(self, *reqs: ClientRequest) -> None:
         assert self.flow.submit(list(reqs), self.clock()) == []
@@ -101,11 +104,13 @@ class Broker:
     def engine_requests(self) -> list[tuple[dict[str, Any], list[str]]]:
         return [(msgpack.unpackb(m[3]), msgpack.unpackb(m[4])) for m in self.back.sent]
 
-    def engine_reply(self, tok: int, n: int, status: int = p.OK) -> np.ndarray:
-        """The engine answers ``tok`` with rows i+1, i+2, ... (distinct per position)."""
-        rows = np.arange(1, n * DIM + 1, dtype=np.float32).reshape(n, DIM)
+    def engine_reply(self, tok: int, n: int, status: int = p.OK, width: int = DIM
+                     ) -> np.ndarray:
+        """The engine answers ``tok`` with rows i+1, i+2, ... (distinct per position), each
+        ``width`` wide (a truncated request's)."""
+        rows = np.arange(1, n * width + 1, dtype=np.float32).reshape(n, width)
         words = to_bf16(rows).tobytes() if status == p.OK else b""
-        header = {"tok": tok, "status": status, "dtype": "bf16", "shape": [n, DIM]}
+        header = {"tok": tok, "status": status, "dtype": "bf16", "shape": [n, width]}
         if status != p.OK:
             header["error"] = "boom"
         self.flow.on_reply(self.state.engines[ENGINE], header, zmq.Frame(words), self.clock())
@@ -303,3 +308,160 @@ def test_large_replies_queued_in_libzmq_are_bounded_in_bytes() -> None:
     r.flush()
     assert r.snapshot()["queued_large_bytes"] == 0 and not r.queued
     assert counters["replies_dropped"] == 0
+
+
+# -- dimensions (Matryoshka truncation) and named prompts ------------------------------------
+
+
+class CountingCache(MemoryCache):
+    """A memory cache that remembers every key it was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(max_items=1000, ttl_s=3600)
+        self.asked: list[bytes] = []
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        self.asked.extend(keys)
+        return super().get_many(keys)
+
+
+def counting(b: Broker) -> CountingCache:
+    cache = CountingCache()
+    b.cache = b.flow.cache = cache
+    return cache
+
+
+def last_header(b: Broker) -> dict[str, Any]:
+    return headers(b.front, CLIENT, 2)[-1]
+
+
+def test_a_truncated_request_asks_the_engine_for_its_width_and_is_cached_apart() -> None:
+    b = Broker(dimensions=True)
+    cache = counting(b)
+    b.submit(b.request(["a", "b"], dimensions=2))
+    [(header, items)] = b.engine_requests()
+    assert header["dimensions"] == 2 and items == ["a", "b"]
+    assert b.state.inflight[header["tok"]].dim == 2
+    rows = b.engine_reply(header["tok"], 2, width=2)
+    [msg] = b.front.to(CLIENT)
+    assert msgpack.unpackb(msg[2])["shape"] == [2, 2]
+    np.testing.assert_array_equal(vectors(msg), rows)
+    assert all(b":n@2:-:" in key for key in cache.asked)
+    # The same request again: every item from the 2-wide entries, no engine.
+    b.submit(b.request(["b", "a"], dimensions=2))
+    again = b.front.to(CLIENT)[1]
+    assert msgpack.unpackb(again[2])["cached"] == 2 and len(b.back.sent) == 1
+    np.testing.assert_array_equal(vectors(again), rows[::-1])
+    # A full-width request of the same inputs is not served from them: the engine computes it.
+    b.submit(b.request(["a", "b"]))
+    (header2, _) = b.engine_requests()[1]
+    assert "dimensions" not in header2
+    full = b.engine_reply(header2["tok"], 2)
+    last = b.front.to(CLIENT)[2]
+    assert msgpack.unpackb(last[2])["shape"] == [2, DIM] and msgpack.unpackb(last[2])["cached"] == 0
+    np.testing.assert_array_equal(vectors(last), full)
+
+
+def test_asking_for_the_full_dim_is_the_request_without_dimensions() -> None:
+    """Same key, same entry, and no ``dimensions`` for the engine: even on a lane that does
+    not truncate."""
+    b = Broker()
+    b.submit(b.request(["a"]))
+    [(header, _)] = b.engine_requests()
+    rows = b.engine_reply(header["tok"], 1)
+    b.submit(b.request(["a"], dimensions=DIM))
+    again = b.front.to(CLIENT)[1]
+    assert msgpack.unpackb(again[2])["cached"] == 1 and len(b.back.sent) == 1
+    np.testing.assert_array_equal(vectors(again), rows)
+    b.submit(b.request(["fresh"], dimensions=DIM))
+    assert "dimensions" not in b.engine_requests()[1][0]
+
+
+@pytest.mark.parametrize(("ready", "dims", "match"), [
+    ({}, 2, "does not allow dimensions .* --dimensions on"),
+    ({"dimensions": "yes"}, 2, "does not allow dimensions"),  # only a true bool counts
+    ({"dimensions": True}, DIM + 1, f"dimensions must be at most {DIM} "),
+    ({}, DIM + 1, f"dimensions must be at most {DIM} "),
+])
+def test_dimensions_the_lane_cannot_give_are_400_before_the_cache(
+        ready: dict[str, Any], dims: int, match: str) -> None:
+    b = Broker(**ready)
+    cache = counting(b)
+    b.submit(b.request(["a"], dimensions=dims))
+    err = last_header(b)
+    assert err["status"] == p.BAD_REQUEST
+    assert re.search(match, err["error"]), err["error"]
+    assert cache.asked == [] and b.back.sent == []
+    assert b.state.stats["text"].requests[p.BAD_REQUEST] == 1
+
+
+def test_dimensions_need_every_engine_of_the_lane_to_truncate() -> None:
+    b = Broker(dimensions=True)
+    b.state.register(b"engine-2", {"lane": "text", "kinds": ["text"], "fingerprint": "fp",
+                                   "dim": DIM, "credits": 8}, b.clock())
+    b.submit(b.request(["a"], dimensions=2))
+    assert last_header(b)["status"] == p.BAD_REQUEST  # engine-2 could be the one to get it
+    b.state.remove(b"engine-2")
+    b.submit(b.request(["a"], dimensions=2))
+    [(header, _)] = b.engine_requests()
+    assert header["dimensions"] == 2
+    b.state.remove(ENGINE)  # no engine left: what the last ones said stands
+    assert b.state.models["text"].dimensions
+
+
+def test_a_lane_without_a_known_model_answers_as_it_always_did() -> None:
+    """No model yet: dimensions and prompts cannot be judged; the request gets the 503 of a
+    lane without engines, not a new error."""
+    b = Broker()
+    b.state.models.clear()
+    b.state.remove(ENGINE)
+    b.submit(b.request(["a"], dimensions=2, input_type="nonsense"))
+    err = last_header(b)
+    assert err["status"] == p.UNAVAILABLE and "no engine serves lane 'text'" in err["error"]
+
+
+def test_a_reply_of_the_wrong_width_is_an_engine_error() -> None:
+    b = Broker(dimensions=True)
+    b.submit(b.request(["a"], dimensions=2))
+    [(header, _)] = b.engine_requests()
+    b.engine_reply(header["tok"], 1)  # full width where 2 were asked for
+    err = last_header(b)
+    assert err["status"] == p.ENGINE_ERROR and "for 1x2 bf16" in err["error"]
+    keys = item_keys(key_prefix("t", "text", "fp", True, None, 2), ["a"])
+    assert b.cache.get_many([k for k in keys if k]) == [None]  # nothing cached from it
+
+
+def test_prompts_the_model_announced_are_accepted_and_others_are_400_listing_them() -> None:
+    b = Broker(prompts={"classification": "Classify: ", "clustering": "Cluster: ",
+                        "bad name": "x", "num": 7},
+               default_prompt="classification")
+    model = b.state.models["text"]
+    assert model.prompts == {"classification": "Classify: ", "clustering": "Cluster: "}
+    b.submit(b.request(["a"], input_type="clustering"))
+    b.submit(b.request(["a"], input_type="query"))  # always accepted
+    sent = b.engine_requests()
+    assert [h["input_type"] for h, _ in sent] == ["clustering", "query"]
+    b.submit(b.request(["a"], input_type="retrieval"))
+    err = last_header(b)
+    assert err["status"] == p.BAD_REQUEST and len(b.engine_requests()) == 2
+    assert "unknown prompt 'retrieval'" in err["error"]
+    assert "classification, clustering" in err["error"]
+
+
+def test_a_lane_without_prompts_says_so() -> None:
+    b = Broker()
+    b.submit(b.request(["a"], input_type="retrieval"))
+    err = last_header(b)
+    assert err["status"] == p.BAD_REQUEST and "prompts are none" in err["error"]
+
+
+def test_info_and_stats_show_what_a_request_may_ask_of_the_model() -> None:
+    b = Broker(dimensions=True, prompts={"query": "q: ", "passage": "p: "},
+               default_prompt=None)
+    lane = b.state.lane_info("text", b.clock(), 256)
+    assert (lane["dimensions"], lane["prompts"], lane["default_prompt"]) == (
+        True, ["passage", "query"], None)
+    engine = b.state.lane_view("text", b.clock())["engines"][0]
+    assert (engine["dimensions"], engine["prompts"]) == (True, ["passage", "query"])
+    bare = BrokerState(("text",)).lane_info("text", 0.0, 256)
+    assert (bare["dimensions"], bare["prompts"], bare["default_prompt"]) == (False, [], None)

@@ -34,9 +34,10 @@ def header(**kw: Any) -> dict[str, Any]:
 
 
 def test_defaults() -> None:
-    lane, kind, norm, dtype, deadline, n, itype = parse_embed_header(header(), LANES, LIMITS)
-    assert (lane, kind, norm, dtype, deadline, n, itype) == (
-        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None)
+    lane, kind, norm, dtype, deadline, n, itype, dims = parse_embed_header(header(), LANES,
+                                                                          LIMITS)
+    assert (lane, kind, norm, dtype, deadline, n, itype, dims) == (
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None)
 
 
 @pytest.mark.parametrize(("fields", "error"), [
@@ -51,11 +52,44 @@ def test_defaults() -> None:
     ({"n": 0}, BadRequest),
     ({"n": True}, BadRequest),
     ({"n": 9}, TooLarge),
-    ({"input_type": "passage"}, BadRequest),
+    ({"input_type": ""}, BadRequest),
+    ({"input_type": "a b"}, BadRequest),
+    ({"input_type": "query\n"}, BadRequest),
+    ({"input_type": "x" * 65}, BadRequest),
+    ({"input_type": "é"}, BadRequest),
+    ({"input_type": 7}, BadRequest),
+    ({"dimensions": 0}, BadRequest),
+    ({"dimensions": -3}, BadRequest),
+    ({"dimensions": True}, BadRequest),
+    ({"dimensions": 128.0}, BadRequest),
+    ({"dimensions": "128"}, BadRequest),
 ])
 def test_bad_headers(fields: dict[str, Any], error: type[ZembedError]) -> None:
     with pytest.raises(error):
         parse_embed_header(header(**fields), LANES, LIMITS)
+
+
+@pytest.mark.parametrize("name", ["query", "document", "passage", "Retrieval-query",
+                                  "search_query:v2", "a.b", "x" * 64])
+def test_any_prompt_name_passes_header_parsing(name: str) -> None:
+    """Whether the lane's model has the prompt is the broker's to judge, not the parser's."""
+    assert parse_embed_header(header(input_type=name), LANES, LIMITS).input_type == name
+
+
+@pytest.mark.parametrize("dims", [1, 64, 384, 10**6])
+def test_dimensions_is_any_positive_int_here(dims: int) -> None:
+    """The lane's dim bounds it later (the broker, which knows the model)."""
+    assert parse_embed_header(header(dimensions=dims), LANES, LIMITS).dimensions == dims
+
+
+def test_bad_dimensions_and_input_type_say_what_is_wanted() -> None:
+    with pytest.raises(BadRequest, match="'dimensions' must be int, got True"):
+        parse_embed_header(header(dimensions=True), LANES, LIMITS)
+    with pytest.raises(BadRequest, match="dimensions must be a positive int, got 0"):
+        parse_embed_header(header(dimensions=0), LANES, LIMITS)
+    with pytest.raises(BadRequest, match=r"input_type must be a prompt name of 1-64 characters "
+                                         r"from \[A-Za-z0-9_.:-\]"):
+        parse_embed_header(header(input_type="two words"), LANES, LIMITS)
 
 
 def test_deadline_is_capped() -> None:
@@ -203,13 +237,13 @@ def test_wrong_item_types_are_named_in_msgpack_terms() -> None:
 
 # -- nil is "absent" for every optional field; required fields still need a value ------------
 
-OPTIONAL = ["lane", "kind", "normalize", "dtype", "deadline_ms", "input_type"]
+OPTIONAL = ["lane", "kind", "normalize", "dtype", "deadline_ms", "input_type", "dimensions"]
 
 
 def test_nil_optional_fields_take_their_defaults() -> None:
     h = header(**{name: None for name in OPTIONAL})
     assert parse_embed_header(h, LANES, LIMITS) == (
-        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None)
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None)
 
 
 def test_unpack_header_drops_nil_values() -> None:

@@ -7,9 +7,10 @@ status is simply ``exc.status``. No sockets here: everything is unit-testable.
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -197,6 +198,7 @@ class EmbedRequest:
     deadline_ms: int
     items: list[Any]
     input_type: str | None = None
+    dimensions: int | None = None
 
 
 def request_id(header: dict[str, Any]) -> int | None:
@@ -219,10 +221,53 @@ def _field(header: dict[str, Any], name: str, typ: type, default: Any) -> Any:
     return value
 
 
+class EmbedHeader(NamedTuple):
+    """The fields of a valid embed header (a tuple, so callers may unpack it)."""
+
+    lane: str
+    kind: str
+    normalize: bool
+    dtype: str
+    deadline_ms: int
+    n: int
+    input_type: str | None
+    dimensions: int | None
+
+
+_PROMPT_NAME = re.compile(f"[{p.INPUT_TYPE_CHARS}]{{1,{p.MAX_INPUT_TYPE_CHARS}}}")
+
+
+def is_prompt_name(name: str) -> bool:
+    """Whether ``name`` has the form of an ``input_type`` (1-64 of ``[A-Za-z0-9_.:-]``)."""
+    return _PROMPT_NAME.fullmatch(name) is not None
+
+
+def parse_input_type(header: dict[str, Any]) -> str | None:
+    """``input_type``: a prompt name (1-64 of ``[A-Za-z0-9_.:-]``) or absent.
+
+    Only its form is checked here: whether the lane's model has that prompt is known only to
+    the broker's lane state (``query`` and ``document`` are always accepted there).
+    """
+    input_type: str | None = _field(header, "input_type", str, None)
+    if input_type is not None and not is_prompt_name(input_type):
+        raise BadRequest(f"input_type must be a prompt name of 1-{p.MAX_INPUT_TYPE_CHARS} "
+                         f"characters from [{p.INPUT_TYPE_CHARS}] (such as "
+                         f"{' or '.join(sorted(p.INPUT_TYPES))}), got {input_type!r:.80}")
+    return input_type
+
+
+def parse_dimensions(header: dict[str, Any]) -> int | None:
+    """``dimensions``: a positive int or absent; the lane's dim bounds it later (the broker)."""
+    dimensions: int | None = _field(header, "dimensions", int, None)
+    if dimensions is not None and dimensions < 1:
+        raise BadRequest(f"dimensions must be a positive int, got {dimensions}")
+    return dimensions
+
+
 def parse_embed_header(
     header: dict[str, Any], lane_kinds: dict[str, frozenset[str]], limits: Limits
-) -> tuple[str, str, bool, str, int, int, str | None]:
-    """Validate an embed header: (lane, kind, normalize, dtype, deadline_ms, n, input_type)."""
+) -> EmbedHeader:
+    """Validate an embed header (what can be judged without the lane's model)."""
     lane = _field(header, "lane", str, p.LANE_TEXT)
     if lane not in lane_kinds:
         raise UnknownLane(f"unknown lane {lane!r:.60}; this broker serves {sorted(lane_kinds)}")
@@ -244,10 +289,8 @@ def parse_embed_header(
         raise BadRequest(f"a request needs at least one item, n={n}")
     if n > limits.max_items:
         raise TooLarge(f"{n} items in one request, at most {limits.max_items} allowed")
-    input_type = _field(header, "input_type", str, None)
-    if input_type is not None and input_type not in p.INPUT_TYPES:
-        raise BadRequest(f"input_type must be one of {sorted(p.INPUT_TYPES)} or absent")
-    return lane, kind, normalize, dtype, deadline_ms, n, input_type
+    return EmbedHeader(lane, kind, normalize, dtype, deadline_ms, n, parse_input_type(header),
+                       parse_dimensions(header))
 
 
 def parse_items(body: bytes | memoryview, kind: str, n: int, limits: Limits) -> list[Any]:

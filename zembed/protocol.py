@@ -62,7 +62,12 @@ DTYPE_BF16: Final = "bf16"
 DTYPES: Final = frozenset({DTYPE_F32, DTYPE_BF16})
 
 # Optional prompt selection for asymmetric models (``input_type`` in the embed header).
+#: Prompt names every lane accepts (an engine without that prompt applies no prefix).
 INPUT_TYPES: Final = frozenset({"query", "document"})
+#: Any other ``input_type`` must look like a prompt name (1-64 of these characters) and be one
+#: of the ``prompts`` the lane's engine announced in READY.
+INPUT_TYPE_CHARS: Final = "A-Za-z0-9_.:-"
+MAX_INPUT_TYPE_CHARS: Final = 64
 
 # Timing defaults (milliseconds).
 HEARTBEAT_INTERVAL_MS: Final = 1000
