@@ -63,14 +63,18 @@ class AsyncClient:
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
+                          dimensions: int | None = None,
                           timeout: float | None = None) -> Vectors:
-        """Embed texts on the text lane: float32 array ``(len(texts), dim)``."""
+        """Embed texts on the text lane: float32 array ``(len(texts), dim)`` (or
+        ``dimensions`` wide: see :meth:`zembed.client.Client.embed_texts`)."""
         result = await self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize,
-                                  dtype=dtype, input_type=input_type, timeout=timeout)
+                                  dtype=dtype, input_type=input_type, dimensions=dimensions,
+                                  timeout=timeout)
         return result.vectors
 
     async def embed_images(self, images: Sequence[Any], *, normalize: bool = True,
-                    dtype: str = "f32", timeout: float | None = None) -> EmbedResult:
+                           dtype: str = "f32", dimensions: int | None = None,
+                           timeout: float | None = None) -> EmbedResult:
         """Embed images on the image lane (CLIP image tower).
 
         ``images``: bytes, paths (read here), ``data:`` URIs, http(s) URLs (if the engine
@@ -78,27 +82,31 @@ class AsyncClient:
         ``vectors`` (n, dim), and ``item_errors`` for images the engine could not use (their
         rows are zeros); one bad image never fails the others.
         """
-        return await self.embed(p.LANE_IMAGE, p.KIND_IMAGE, image_items(images), normalize=normalize,
-                          dtype=dtype, timeout=timeout)
+        return await self.embed(p.LANE_IMAGE, p.KIND_IMAGE, image_items(images),
+                                normalize=normalize, dtype=dtype, dimensions=dimensions,
+                                timeout=timeout)
 
     async def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
-                         dtype: str = "f32", timeout: float | None = None) -> Vectors:
+                               dtype: str = "f32", dimensions: int | None = None,
+                               timeout: float | None = None) -> Vectors:
         """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
         result = await self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
-                                dtype=dtype, timeout=timeout)
+                                  dtype=dtype, dimensions=dimensions, timeout=timeout)
         return result.vectors
 
     async def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
                     dtype: str = "f32", input_type: str | None = None,
-                    timeout: float | None = None) -> EmbedResult:
-        """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured."""
+                    dimensions: int | None = None, timeout: float | None = None) -> EmbedResult:
+        """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured
+        (``dimensions`` as in :meth:`zembed.client.Client.embed`)."""
         t_out = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + t_out
         attempt = 0
         while True:
             try:
                 return await self._embed_once(lane, kind, items, normalize, dtype, input_type,
-                                              max(give_up - time.monotonic(), 0.001))
+                                              max(give_up - time.monotonic(), 0.001),
+                                              dimensions)
             except ZembedError as exc:
                 delay = retry_delay(exc, attempt, self.backoff)
                 if delay is None or (self.retries is not None and attempt >= self.retries):
@@ -109,18 +117,20 @@ class AsyncClient:
                 await asyncio.sleep(delay)
 
     async def _embed_once(self, lane: str, kind: str, items: Sequence[Any], normalize: bool,
-                          dtype: str, input_type: str | None, wait_s: float) -> EmbedResult:
+                          dtype: str, input_type: str | None, wait_s: float,
+                          dimensions: int | None = None) -> EmbedResult:
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
-                              timeout_s=wait_s, input_type=input_type)
+                              timeout_s=wait_s, input_type=input_type, dimensions=dimensions)
         header, body = await self._request(rid, frames, wait_s)
         return decode_embed(header, body)
 
     async def embed_many(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
                          normalize: bool = True, dtype: str = "f32",
-                         input_type: str | None = None, batch_size: int | None = None,
-                         in_flight: int | None = None, retry_for: float = 300.0,
-                         progress: bool = False, on_progress: ProgressCallback | None = None,
+                         input_type: str | None = None, dimensions: int | None = None,
+                         batch_size: int | None = None, in_flight: int | None = None,
+                         retry_for: float = 300.0, progress: bool = False,
+                         on_progress: ProgressCallback | None = None,
                          on_item_error: ItemErrorCallback | None = None) -> Vectors:
         """Embed any number of inputs: one ``(n, dim)`` array, rows in input order.
 
@@ -133,7 +143,8 @@ class AsyncClient:
         try:
             async for chunk in self.embed_many_iter(
                     items, kind, normalize=normalize, dtype=dtype, input_type=input_type,
-                    batch_size=batch_size, in_flight=in_flight, retry_for=retry_for):
+                    dimensions=dimensions, batch_size=batch_size, in_flight=in_flight,
+                    retry_for=retry_for):
                 report.chunk(chunk)
                 out.add(chunk)
         finally:
@@ -142,13 +153,14 @@ class AsyncClient:
 
     async def embed_many_iter(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
                               normalize: bool = True, dtype: str = "f32",
-                              input_type: str | None = None, batch_size: int | None = None,
-                              in_flight: int | None = None,
+                              input_type: str | None = None, dimensions: int | None = None,
+                              batch_size: int | None = None, in_flight: int | None = None,
                               retry_for: float = 300.0) -> AsyncIterator[EmbedChunk]:
         """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
         ``cached_items``), read from ``items`` only as fast as they are embedded."""
         plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight),
-                        retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype)
+                        retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype,
+                        dimensions=dimensions)
         lane = KIND_LANES[kind]
         tasks: dict[asyncio.Future[EmbedResult], Piece] = {}
         try:
@@ -158,7 +170,7 @@ class AsyncClient:
                 for piece in plan.take(time.monotonic()):
                     tasks[asyncio.ensure_future(self._embed_once(
                         lane, kind, piece.wire, normalize, dtype, input_type,
-                        self.timeout))] = piece
+                        self.timeout, dimensions))] = piece
                 for chunk in plan.ready():
                     yield chunk
                 wait = seconds_until(plan.wake_at(), time.monotonic(), BULK_TICK_S)

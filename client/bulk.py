@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from zembed import protocol as p
-from zembed.client.codec import EmbedResult, Vectors, retry_delay
+from zembed.client.codec import EmbedResult, Vectors, check_dimensions, retry_delay
 from zembed.client.images import image_item
 from zembed.errors import BadRequest, TooLarge, UnknownLane, ZembedError
 
@@ -155,11 +155,14 @@ class BulkPlan:
     :param retry_for_s: how long a request may keep failing with 503/504 before the run fails.
     :param backoff_s: first backoff step for 503/504.
     :param dtype: ``f32`` or ``bf16``, for the zero rows of failed items.
+    :param dimensions: the width asked for (Matryoshka truncation), if any: the rows are that
+        wide, not the lane's ``dim`` from ``info``.
     """
 
     def __init__(self, items: Iterable[Any], kind: str, sizing: Sizing, *,
                  convert: Callable[[Any], Any] | None = None, retry_for_s: float = 300.0,
                  backoff_s: float = 0.05, dtype: str = p.DTYPE_F32,
+                 dimensions: int | None = None,
                  rand: Callable[[], float] = random.random) -> None:
         self.kind = kind
         self.sizing = sizing
@@ -168,7 +171,7 @@ class BulkPlan:
         self.backoff_s = backoff_s
         self.rand = rand
         self.dtype = np.dtype("<f4") if dtype == p.DTYPE_F32 else np.dtype("<u2")
-        self.dim = sizing.dim
+        self.dim = sizing.dim if dimensions is None else check_dimensions(dimensions)
         self._inputs = iter(items)
         self._exhausted = False
         self._read = 0  # inputs taken from the iterator so far

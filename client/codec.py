@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,9 +47,13 @@ class EmbedResult:
 
 def embed_frames(
     rid: int, lane: str, kind: str, items: Sequence[Any], *, normalize: bool, dtype: str,
-    timeout_s: float, input_type: str | None,
+    timeout_s: float, input_type: str | None, dimensions: int | None = None,
 ) -> list[bytes]:
-    """Frames of an embed request (the DEALER adds nothing; the broker's ROUTER adds identity)."""
+    """Frames of an embed request (the DEALER adds nothing; the broker's ROUTER adds identity).
+
+    ``dimensions`` (Matryoshka truncation) goes in the header only when given: the broker
+    judges it against the lane's model, and an absent field is what every broker accepts.
+    """
     if dtype not in p.DTYPES:
         raise BadRequest(f"dtype must be one of {sorted(p.DTYPES)}")
     if isinstance(items, (str, bytes)):
@@ -59,7 +64,21 @@ def embed_frames(
     }
     if input_type is not None:
         header["input_type"] = input_type
+    if dimensions is not None:
+        header["dimensions"] = check_dimensions(dimensions)
     return [p.CLIENT_PROTO, packb(header), packb(list(items))]
+
+
+def check_dimensions(dimensions: Any) -> int:
+    """``dimensions`` as a plain int (numpy integers too), or BadRequest before anything is
+    sent: msgpack cannot carry a numpy int, and a bool or a float is never a width."""
+    try:
+        value = operator.index(dimensions) if not isinstance(dimensions, bool) else 0
+    except TypeError:
+        value = 0
+    if value < 1:
+        raise BadRequest(f"dimensions must be a positive int, got {dimensions!r}")
+    return value
 
 
 #: The broker's deadline is this much shorter than the caller's timeout (at most 10 % of it),

@@ -96,16 +96,22 @@ class Client:
     # -- embedding -------------------------------------------------------------------------
 
     def embed_texts(self, texts: Sequence[str], *, normalize: bool = True, dtype: str = "f32",
-                    input_type: str | None = None, timeout: float | None = None) -> Vectors:
+                    input_type: str | None = None, dimensions: int | None = None,
+                    timeout: float | None = None) -> Vectors:
         """Embed texts on the text lane: float32 array ``(len(texts), dim)``.
 
-        :param input_type: ``"query"`` or ``"document"`` to apply the engine's prefixes.
+        :param input_type: ``"query"`` or ``"document"`` to apply the engine's prefixes, or the
+            name of another prompt of the model (``info()`` lists the lane's ``prompts``).
+        :param dimensions: Matryoshka truncation: the first ``dimensions`` values of each
+            vector (renormalised when ``normalize``), for a lane whose engine allows it
+            (``info()``: ``dimensions``); the result is ``(len(texts), dimensions)``.
         """
         return self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize, dtype=dtype,
-                          input_type=input_type, timeout=timeout).vectors
+                          input_type=input_type, dimensions=dimensions, timeout=timeout).vectors
 
     def embed_images(self, images: Sequence[Any], *, normalize: bool = True,
-                    dtype: str = "f32", timeout: float | None = None) -> EmbedResult:
+                     dtype: str = "f32", dimensions: int | None = None,
+                     timeout: float | None = None) -> EmbedResult:
         """Embed images on the image lane (CLIP image tower).
 
         ``images``: bytes, paths (read here), ``data:`` URIs, http(s) URLs (if the engine
@@ -114,26 +120,32 @@ class Client:
         rows are zeros); one bad image never fails the others.
         """
         return self.embed(p.LANE_IMAGE, p.KIND_IMAGE, image_items(images), normalize=normalize,
-                          dtype=dtype, timeout=timeout)
+                          dtype=dtype, dimensions=dimensions, timeout=timeout)
 
     def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
-                         dtype: str = "f32", timeout: float | None = None) -> Vectors:
+                         dtype: str = "f32", dimensions: int | None = None,
+                         timeout: float | None = None) -> Vectors:
         """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
         result = self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
-                                dtype=dtype, timeout=timeout)
+                            dtype=dtype, dimensions=dimensions, timeout=timeout)
         return result.vectors
 
     def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
-              dtype: str = "f32", input_type: str | None = None,
+              dtype: str = "f32", input_type: str | None = None, dimensions: int | None = None,
               timeout: float | None = None) -> EmbedResult:
-        """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured."""
+        """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured.
+
+        ``dimensions``: the first ``dimensions`` values of each vector (Matryoshka
+        truncation, renormalised when ``normalize``), where the lane's engines allow it.
+        """
         attempt = 0
         t_out = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + t_out
         while True:
             left = give_up - time.monotonic()
             pending = self.submit(lane, kind, items, normalize=normalize, dtype=dtype,
-                                  input_type=input_type, timeout=max(left, 0.001))
+                                  input_type=input_type, dimensions=dimensions,
+                                  timeout=max(left, 0.001))
             try:
                 return self.result(pending)
             except ZembedError as exc:
@@ -147,8 +159,9 @@ class Client:
 
     def embed_many(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
                    normalize: bool = True, dtype: str = "f32", input_type: str | None = None,
-                   batch_size: int | None = None, in_flight: int | None = None,
-                   retry_for: float = 300.0, progress: bool = False,
+                   dimensions: int | None = None, batch_size: int | None = None,
+                   in_flight: int | None = None, retry_for: float = 300.0,
+                   progress: bool = False,
                    on_progress: ProgressCallback | None = None,
                    on_item_error: ItemErrorCallback | None = None) -> Vectors:
         """Embed any number of inputs: one ``(n, dim)`` array, rows in input order.
@@ -163,12 +176,15 @@ class Client:
         go to ``on_item_error(index, status, message)``, or are logged without one.
         ``progress=True`` shows a tqdm bar; ``on_progress(done, total)`` is called per chunk.
         For inputs that do not fit in memory, iterate :meth:`embed_many_iter` instead.
+        ``dimensions`` truncates every vector as in :meth:`embed`: the array is
+        ``(n, dimensions)`` then.
         """
         report = BulkReport(total_of(items), progress=progress, on_progress=on_progress,
                             on_item_error=on_item_error)
         chunks = self.embed_many_iter(items, kind, normalize=normalize, dtype=dtype,
-                                      input_type=input_type, batch_size=batch_size,
-                                      in_flight=in_flight, retry_for=retry_for)
+                                      input_type=input_type, dimensions=dimensions,
+                                      batch_size=batch_size, in_flight=in_flight,
+                                      retry_for=retry_for)
         try:
             return gather(report.each(chunks), report.total)
         finally:
@@ -176,21 +192,22 @@ class Client:
 
     def embed_many_iter(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
                         normalize: bool = True, dtype: str = "f32",
-                        input_type: str | None = None, batch_size: int | None = None,
-                        in_flight: int | None = None,
+                        input_type: str | None = None, dimensions: int | None = None,
+                        batch_size: int | None = None, in_flight: int | None = None,
                         retry_for: float = 300.0) -> Iterator[EmbedChunk]:
         """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
         ``cached_items``), read from ``items`` only as fast as they are embedded."""
         sizing = self._sizing(kind, batch_size, in_flight)
         plan = BulkPlan(items, kind, sizing, retry_for_s=retry_for, backoff_s=self.backoff,
-                        dtype=dtype)
+                        dtype=dtype, dimensions=dimensions)
         sent: dict[int, tuple[Pending, Piece]] = {}
         try:
             while not plan.done:
                 if plan.wants_info:
                     plan.resize(self._sizing(kind, batch_size, in_flight))
                 for piece in plan.take(time.monotonic()):
-                    pending = self._submit_piece(plan, piece, normalize, dtype, input_type)
+                    pending = self._submit_piece(plan, piece, normalize, dtype, input_type,
+                                                 dimensions)
                     if pending is not None:
                         sent[pending.id] = (pending, piece)
                 yield from plan.ready()
@@ -204,11 +221,12 @@ class Client:
         return Sizing.from_info(self.info(), kind, items=batch_size, in_flight=in_flight)
 
     def _submit_piece(self, plan: BulkPlan, piece: Piece, normalize: bool, dtype: str,
-                      input_type: str | None) -> Pending | None:
+                      input_type: str | None, dimensions: int | None) -> Pending | None:
         """Send one piece once (the plan retries); None when it failed at once (no broker)."""
         try:
             return self.submit(KIND_LANES[plan.kind], plan.kind, piece.wire,
-                               normalize=normalize, dtype=dtype, input_type=input_type)
+                               normalize=normalize, dtype=dtype, input_type=input_type,
+                               dimensions=dimensions)
         except EngineUnavailable as exc:
             plan.failed(piece, exc, time.monotonic())
             return None
@@ -238,12 +256,12 @@ class Client:
 
     def submit(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
                dtype: str = "f32", input_type: str | None = None,
-               timeout: float | None = None) -> Pending:
+               dimensions: int | None = None, timeout: float | None = None) -> Pending:
         """Send an embed request without waiting; collect it with :meth:`result`."""
         t_out = self.timeout if timeout is None else timeout
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
-                              timeout_s=t_out, input_type=input_type)
+                              timeout_s=t_out, input_type=input_type, dimensions=dimensions)
         pending = Pending(rid, frames, time.monotonic() + t_out)
         self._send(pending)
         return pending

@@ -11,6 +11,7 @@ import pytest
 from zembed import protocol as p
 from zembed.client.bulk import REORDER_FACTOR, BulkPlan, Piece, Sizing
 from zembed.client.codec import EmbedResult
+from zembed.client.progress import gather
 from zembed.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -209,3 +210,24 @@ def test_reordering_is_bounded_while_an_early_piece_is_stuck() -> None:
 def test_a_run_with_no_inputs_is_done_at_once() -> None:
     plan = BulkPlan([], "text", Sizing(4, 1 << 20, 100, 2))
     assert plan.take(0.0) == [] and plan.done and list(plan.ready()) == []
+
+
+def test_a_truncated_run_is_as_wide_as_its_dimensions_not_the_lane_dim() -> None:
+    """The zero rows of inputs that failed before any reply, and the gathered array, are
+    ``dimensions`` wide: the lane's ``dim`` from ``info`` is the full width."""
+    sizing = Sizing.from_info(info(), "text", items=2)
+    assert sizing.dim == DIM
+    plan = BulkPlan([1, 2, "a", "b"], "text", sizing, dimensions=2)
+    (piece,) = plan.take(0.0)  # the first two inputs failed here: nothing of them is sent
+    assert piece.wire == ["a", "b"]
+    plan.succeeded(piece, EmbedResult(np.ones((2, 2), np.float32)))
+    chunks = list(plan.ready())
+    assert [ch.vectors.shape for ch in chunks] == [(2, 2), (2, 2)]
+    out = gather(chunks, 4)
+    assert out.shape == (4, 2) and not out[:2].any() and out[2:].all()
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0, "2"])
+def test_bad_dimensions_fail_the_run_before_anything_is_sent(bad: Any) -> None:
+    with pytest.raises(BadRequest, match="dimensions must be a positive int"):
+        BulkPlan(["a"], "text", Sizing(1, 1 << 20, 100, 1, DIM), dimensions=bad)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 
 from zembed import protocol as p
-from zembed.client.codec import decode_embed, retry_delay
+from zembed.client.codec import decode_embed, embed_frames, retry_delay
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded
 
 
@@ -56,3 +57,23 @@ def test_retry_delay_is_never_shorter_than_its_base_and_spreads_by_half(
 
 def test_errors_that_are_not_transient_are_not_retried() -> None:
     assert retry_delay(BadRequest("no"), 0, 0.05) is None
+
+
+def test_dimensions_go_in_the_header_only_when_given() -> None:
+    def sent(**kw: Any) -> dict[str, Any]:
+        frames = embed_frames(1, "text", "text", ["a"], normalize=True, dtype="f32",
+                              timeout_s=1.0, input_type=None, **kw)
+        return msgpack.unpackb(frames[1])  # type: ignore[no-any-return]
+
+    assert "dimensions" not in sent() and "dimensions" not in sent(dimensions=None)
+    assert sent(dimensions=256)["dimensions"] == 256
+    assert sent(dimensions=np.int64(64))["dimensions"] == 64  # numpy ints are sent as ints
+    for bad in (0, -5, True, 1.5, "64"):
+        with pytest.raises(BadRequest, match="dimensions must be a positive int"):
+            sent(dimensions=bad)
+
+
+def test_a_truncated_reply_decodes_to_its_own_shape() -> None:
+    rows = np.arange(8, dtype="<f4").reshape(4, 2)
+    header = {"id": 1, "status": 200, "dtype": "f32", "shape": [4, 2], "cached": 0}
+    assert decode_embed(header, rows.tobytes()).vectors.shape == (4, 2)

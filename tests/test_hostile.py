@@ -35,9 +35,10 @@ values = st.recursive(scalars, lambda kids: st.one_of(
     st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=8), kids, max_size=4)),
     max_leaves=12)
 HEADER_KEYS = ["op", "lane", "kind", "normalize", "dtype", "deadline_ms", "n", "input_type",
-               "timeout_ms", "extra"]
+               "dimensions", "timeout_ms", "extra"]
 GOOD_VALUES: dict[str, Any] = {"op": "embed", "lane": "text", "kind": "text", "normalize": True,
-                               "dtype": "bf16", "deadline_ms": 5000, "input_type": "query"}
+                               "dtype": "bf16", "deadline_ms": 5000, "input_type": "query",
+                               "dimensions": 384}
 
 
 @st.composite

@@ -96,16 +96,19 @@ def read_inputs(path: Path) -> Iterator[str]:
 
 
 def warm(client: Any, items: Iterable[Any], kind: str, batch: int | None,
-         normalize: bool = True) -> dict[str, Any]:
+         normalize: bool = True, input_type: str | None = None,
+         dimensions: int | None = None) -> dict[str, Any]:
     """Embed every input through the broker (which stores the results) with ``embed_many``.
 
     Requests are sized from the broker's ``info`` and kept in flight to fill the lane; a 429
     puts a request back after the broker's ``retry_after``: warming never fails because the
     lane is busy, it only slows down. Inputs that fail (an unreadable image) are counted.
+    ``input_type`` and ``dimensions`` are part of the cache key: warm what will be asked for.
     """
     done = cached = failed = 0
     t0 = time.perf_counter()
-    for chunk in client.embed_many_iter(items, kind, normalize=normalize, batch_size=batch):
+    for chunk in client.embed_many_iter(items, kind, normalize=normalize, input_type=input_type,
+                                        dimensions=dimensions, batch_size=batch):
         done += len(chunk.vectors)
         cached += len(chunk.cached_items)
         failed += len(chunk.item_errors)

@@ -80,7 +80,8 @@ def print_rows(chunk: EmbedChunk, labels: list[str], as_json: bool, echo: Callab
 
 
 def embed_file(client: Any, path: Path, kind: str, *, out: Path | None, normalize: bool,
-               input_type: str | None = None, batch_size: int | None, progress: bool,
+               input_type: str | None = None, dimensions: int | None = None,
+               batch_size: int | None, progress: bool,
                as_json: bool, echo: Callable[[str], Any], err: TextIO = sys.stderr,
                ) -> dict[str, Any]:
     """Embed every line of ``path``; write ``out`` or print the rows. Returns the summary."""
@@ -99,7 +100,8 @@ def embed_file(client: Any, path: Path, kind: str, *, out: Path | None, normaliz
     cached = 0
     try:
         for chunk in client.embed_many_iter(labelled, kind, normalize=normalize,
-                                            input_type=input_type, batch_size=batch_size):
+                                            input_type=input_type, dimensions=dimensions,
+                                            batch_size=batch_size):
             report.chunk(chunk)
             cached += len(chunk.cached_items)
             if writer is not None:

@@ -142,6 +142,10 @@ def embed() -> None:
 def _embed_options(func: Any) -> Any:
     for opt in (
         click.option("--normalize/--no-normalize", default=True, show_default=True),
+        click.option("--dimensions", type=click.IntRange(min=1), default=None,
+                     help="Matryoshka truncation: the first N values of each vector "
+                          "(renormalised with --normalize), where the lane's engines allow it "
+                          "(zembed info: dimensions). Default: the model's full dim."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per input."),
         click.option("--file", "file", type=click.Path(exists=True, dir_okay=False),
                      default=None, help="Embed every line of this file (row i = line i+1), "
@@ -188,6 +192,7 @@ def _embed_command(kind: str, args: tuple[str, ...], opts: dict[str, Any], **kw:
     file, out = opts.pop("file"), opts.pop("out")
     batch_size, progress = opts.pop("batch_size"), opts.pop("progress")
     as_json, config_file = opts.pop("as_json"), opts.pop("config_file")
+    kw["dimensions"] = opts.pop("dimensions")
     if bool(file) == bool(args):
         raise click.UsageError("give inputs as arguments or --file, not both (nor neither)")
     if out and not file:
@@ -233,7 +238,9 @@ def _embed_file(kind: str, file: str, out: str | None, batch_size: int | None,
 
 @embed.command("text")
 @click.argument("texts", nargs=-1)
-@click.option("--input-type", type=click.Choice(["query", "document"]), default=None)
+@click.option("--input-type", default=None, metavar="NAME",
+              help="The prompt to apply: query, document, or another of the model's prompts "
+                   "(zembed info lists the lane's prompts).")
 @_embed_options
 def embed_text(texts: tuple[str, ...], normalize: bool, input_type: str | None,
                **opts: Any) -> None:
@@ -534,10 +541,17 @@ def cache_purge(kind: str | None, fingerprint: str | None, purge_all: bool,
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Items per request (default: from the broker's info).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True)
+@click.option("--input-type", default=None, metavar="NAME",
+              help="Warm the entries of this prompt (query, document or another of the "
+                   "model's prompts): each prompt has entries of its own.")
+@click.option("--dimensions", type=click.IntRange(min=1), default=None,
+              help="Warm the entries truncated to N dimensions (each width has entries of "
+                   "its own).")
 @config_file_option
 @config_options(cfgmod.ClientConfig)
 def cache_warm(file: str, kind: str, batch: int | None, normalize: bool,
-               config_file: str | None, **flags: Any) -> None:
+               input_type: str | None, dimensions: int | None, config_file: str | None,
+               **flags: Any) -> None:
     """Embed every non-blank line of FILE (texts, or image paths for --kind image) so it is
     cached; a busy lane only slows it down."""
     from pathlib import Path
@@ -548,7 +562,8 @@ def cache_warm(file: str, kind: str, batch: int | None, normalize: bool,
     with _client(config_file, flags) as client:
         try:
             out = cachetool.warm(client, cachetool.read_inputs(Path(file)), kind, batch,
-                                 normalize=normalize)
+                                 normalize=normalize, input_type=input_type,
+                                 dimensions=dimensions)
         except ZembedError as exc:
             raise click.ClickException(f"{type(exc).__name__} ({exc.status}): {exc}") from None
     click.echo(json.dumps(out))
