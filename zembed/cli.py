@@ -288,7 +288,8 @@ for _op, _help in (("ping", "Round trip to the broker (exit 1 if no answer)."),
                              "last heartbeat, and the cache is reachable or off (exit 1 if not, "
                              "naming what is missing)."),
                    ("info", "The broker's request limits and, per lane, kinds, model, "
-                            "fingerprints, dim, credits and the largest request it takes now.")):
+                            "fingerprints, dim, credits, the largest request it takes now, "
+                            "whether it allows dimensions, and its prompts.")):
 
     def _make(op: str) -> Any:
         @config_file_option
