@@ -28,6 +28,7 @@ class Job:
     deadline: float  # time.monotonic() after which the broker has given up on it
     generation: int  # connection generation; replies of an older one are dropped
     prepared: Future[list[Any]] | None = None  # decoding started in the pool on arrival
+    dimensions: int | None = None  # a Matryoshka prefix of this many values, cut before normalising
 
 
 class JobQueue:

@@ -32,16 +32,25 @@ class Outcome:
     status: int
     body: bytes = b""
     n: int = 0
+    dim: int = 0
     error: str | None = None
     item_errors: list[list[Any]] | None = None
 
 
-def postprocess(vectors: npt.NDArray[np.float32], normalize: bool) -> bytes:
-    """Normalise in fp32 when asked, then round once to BF16: the bytes the wire carries."""
+def postprocess(vectors: npt.NDArray[np.float32], normalize: bool,
+                dimensions: int | None = None) -> bytes:
+    """Cut to a Matryoshka prefix, normalise in fp32 when asked, round once to BF16.
+
+    The prefix is cut *before* normalising (as OpenAI's ``dimensions`` and sentence-transformers'
+    ``truncate_dim`` with normalisation do), so a normalised prefix is unit length again.
+    """
+    if dimensions is not None and dimensions < vectors.shape[1]:
+        vectors = vectors[:, :dimensions]
     if normalize:
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.maximum(norms, np.float32(1e-12))
-    return to_bf16(vectors.astype(np.float32, copy=False)).astype("<u2", copy=False).tobytes()
+    return to_bf16(np.ascontiguousarray(vectors, dtype=np.float32)).astype(
+        "<u2", copy=False).tobytes()
 
 
 def chunks(costs: list[int], max_batch: int, max_cost: int) -> list[slice]:
@@ -101,8 +110,12 @@ class BatchRunner:
             end = start + len(inputs)
             errors = [[i, x.status, x.message] for i, x in enumerate(inputs)
                       if isinstance(x, ItemError)]
-            outcomes.append(Outcome(job, p.OK, postprocess(vectors[start:end], job.normalize),
-                                    len(inputs), item_errors=errors or None))
+            # A pipeline that ends with Normalize gives unit vectors whatever the request says.
+            normalize = job.normalize or self.model.normalizes
+            dim = min(job.dimensions or self.model.dim, self.model.dim)
+            outcomes.append(Outcome(job, p.OK,
+                                    postprocess(vectors[start:end], normalize, dim),
+                                    len(inputs), dim, item_errors=errors or None))
             start = end
         return outcomes
 

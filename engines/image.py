@@ -85,6 +85,8 @@ class ImageModel:
     """open_clip behind the :class:`EmbeddingModel` interface (kinds image and clip-text)."""
 
     kinds = frozenset({p.KIND_IMAGE, p.KIND_CLIP_TEXT})
+    #: CLIP's towers end without a normalisation; requests choose (normalize=true default).
+    normalizes = False
 
     def __init__(self, cfg: ImageEngineConfig) -> None:
         import open_clip

@@ -32,6 +32,9 @@ class EmbeddingModel(Protocol):
     dim: int
     #: Threads for ``prepare`` (decoding) so it overlaps the forward pass; 0 = run it inline.
     prepare_workers: int
+    #: The model's own pipeline ends with a normalisation: vectors are unit length even when a
+    #: request asks for raw ones (the runtime applies it, after any Matryoshka cut).
+    normalizes: bool
 
     def fingerprint(self, kind: str) -> str:
         """Stable id of everything that shapes the vectors of ``kind`` (model, weights, ...)."""

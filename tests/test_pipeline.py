@@ -49,56 +49,74 @@ def test_the_bundled_model_matches_sentence_transformers() -> None:
     assert cosine.min() > 0.9999
 
 
-def test_a_dense_head_is_refused_by_name(tmp_path: Path) -> None:
-    folder = variant(tmp_path, "dense")
+def add_module(folder: Path, entry: dict[str, object], at: int | None = None) -> None:
     modules = json.loads((folder / "modules.json").read_text())
-    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense",
-                       "type": "sentence_transformers.models.Dense"})
+    modules.insert(len(modules) if at is None else at, entry)
     rewrite(folder / "modules.json", modules)
-    with pytest.raises(UnsupportedPipeline, match=r"module 2_Dense \(sentence_transformers"):
+
+
+def test_a_router_module_is_refused_by_name(tmp_path: Path) -> None:
+    """A Router sends queries and documents through different modules: not run, so refused,
+    at start, in one line, before anything is served."""
+    folder = variant(tmp_path, "router")
+    add_module(folder, {"idx": 2, "name": "2", "path": "2_Router",
+                        "type": "sentence_transformers.base.modules.router.Router"})
+    with pytest.raises(UnsupportedPipeline, match=r"module 2_Router \(sentence_transformers"):
         read_pipeline(folder)
-    # From the command line: one line naming it, no traceback, before anything is served.
     out = subprocess.run([sys.executable, "-m", "zembed", "start", "text", "--model", str(folder),
                           "--threads", "1", "--broker", "tcp://127.0.0.1:9"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
-    assert "2_Dense" in out.stderr and "Traceback" not in out.stderr
+    assert "2_Router" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize(("change", "says"), [
-    ({"pooling_mode_mean_tokens": False, "pooling_mode_lasttoken": True}, "pooling_mode_lasttoken"),
-    ({"pooling_mode_cls_token": True}, "pooling_mode_mean_tokens, pooling_mode_cls_token"),
-    ({"include_prompt": False}, "include_prompt false"),
-])
-def test_pooling_zembed_does_not_compute_is_refused(tmp_path: Path, change: dict[str, object],
-                                                    says: str) -> None:
-    folder = variant(tmp_path, "pool")
-    config = json.loads((folder / "1_Pooling" / "config.json").read_text())
-    rewrite(folder / "1_Pooling" / "config.json", {**config, **change})
-    with pytest.raises(UnsupportedPipeline, match=says):
-        read_pipeline(folder)
-
-
-@pytest.mark.parametrize(("file", "data", "says"), [
-    ("sentence_bert_config.json", {"max_seq_length": 256, "do_lower_case": True}, "do_lower_case"),
-    ("config_sentence_transformers.json", {"prompts": {"query": "query: "},
-                                           "default_prompt_name": "query"}, "default_prompt_name"),
-])
-def test_settings_that_change_the_vectors_are_refused(tmp_path: Path, file: str,
-                                                      data: dict[str, object], says: str) -> None:
-    folder = variant(tmp_path, "settings")
-    rewrite(folder / file, data)
-    with pytest.raises(UnsupportedPipeline, match=says):
-        read_pipeline(folder)
-
-
-def test_an_unknown_module_is_refused(tmp_path: Path) -> None:
+def test_a_class_outside_sentence_transformers_is_refused(tmp_path: Path) -> None:
     folder = variant(tmp_path, "custom")
-    modules = json.loads((folder / "modules.json").read_text())
-    modules.append({"idx": 3, "name": "3", "path": "3_Mine", "type": "my_package.MyModule"})
-    rewrite(folder / "modules.json", modules)
-    with pytest.raises(UnsupportedPipeline, match=r"module 3_Mine \(my_package.MyModule\)"):
+    add_module(folder, {"idx": 3, "name": "3", "path": "3_Mine", "type": "my_package.MyModule"})
+    with pytest.raises(UnsupportedPipeline, match=r"module 3_Mine \(my_package.MyModule\) is not"):
         read_pipeline(folder)
+
+
+def test_a_pipeline_that_does_not_start_with_a_transformer_is_refused(tmp_path: Path) -> None:
+    folder = variant(tmp_path, "static")
+    rewrite(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "0_StaticEmbedding",
+         "type": "sentence_transformers.sentence_transformer.modules.StaticEmbedding"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"}])
+    with pytest.raises(UnsupportedPipeline, match=r"0_StaticEmbedding.*comes first"):
+        read_pipeline(folder)
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    ({"max_seq_length": 256, "query_expansion": {"length": 32}}, "query_expansion"),
+    ({"transformer_task": "text-generation"}, "transformer_task"),
+    ({"model_kwargs": {"trust_remote_code": True}}, "model_kwargs trust_remote_code"),
+    ({"my_new_setting": 1}, "setting 'my_new_setting'"),
+])
+def test_transformer_settings_zembed_does_not_apply_are_refused(
+        tmp_path: Path, data: dict[str, object], says: str) -> None:
+    folder = variant(tmp_path, "settings")
+    rewrite(folder / "sentence_bert_config.json", data)
+    with pytest.raises(UnsupportedPipeline, match=says):
+        read_pipeline(folder)
+
+
+def test_the_pipeline_is_described_as_declared(tmp_path: Path) -> None:
+    folder = variant(tmp_path, "described")
+    config = json.loads((folder / "1_Pooling" / "config.json").read_text())
+    rewrite(folder / "1_Pooling" / "config.json",
+            {**config, "pooling_mode_cls_token": True, "include_prompt": False})
+    rewrite(folder / "sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": True})
+    rewrite(folder / "config_sentence_transformers.json",
+            {"prompts": {"query": "query: ", "passage": "passage: "},
+             "default_prompt_name": "query"})
+    pipe = read_pipeline(folder)
+    assert pipe.description == ("Transformer → Pooling(cls+mean, prompt excluded) → Normalize "
+                                "(modules.json)")
+    assert pipe.normalize and not pipe.include_prompt and pipe.do_lower_case
+    assert pipe.max_seq_length == 128 and pipe.default_prompt_name == "query"
+    assert [s.kind for s in pipe.steps] == ["Pooling"]  # the last Normalize is the runtime's
 
 
 def test_a_plain_checkpoint_says_it_is_mean_pooled(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from zembed.config import TextEngineConfig
-from zembed.engines.stpipeline import UnsupportedPipeline, read_pipeline
+from zembed.engines.stpipeline import UnsupportedPipeline
 from zembed.engines.text import TextModel, bundled_model_path, resolve_model_dir
 
 TEXTS = ["a cat sits on the mat", "stock markets fell sharply today"]
@@ -56,12 +56,14 @@ def test_local_path_with_cls_pooling(base: TextModel, model_copy: Path, tmp_path
     assert not np.allclose(cls_vec, mean_vec, atol=1e-2)
 
 
-def test_unsupported_pooling_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "1_Pooling").mkdir()
-    (tmp_path / "1_Pooling" / "config.json").write_text(
-        '{"pooling_mode_mean_tokens": false, "pooling_mode_max_tokens": true}')
-    with pytest.raises(UnsupportedPipeline, match="pooling_mode_max_tokens; zembed computes mean"):
-        read_pipeline(tmp_path)
+def test_a_pooling_mode_sentence_transformers_lacks_is_refused_by_name(
+        model_copy: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "median"
+    shutil.copytree(model_copy, folder)
+    (folder / "1_Pooling" / "config.json").write_text('{"embedding_dimension": 384, '
+                                                      '"pooling_mode": "median"}')
+    with pytest.raises(UnsupportedPipeline, match=r"module 1_Pooling \(Pooling\).*median"):
+        TextModel(TextEngineConfig(model=str(folder), threads=1))
 
 
 def test_prefixes_and_dtype_enter_the_fingerprint(base: TextModel) -> None:

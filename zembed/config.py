@@ -159,6 +159,10 @@ class TextEngineConfig:
     )
     query_prefix: str = _opt("", "Text prepended to items sent with input_type=query.")
     document_prefix: str = _opt("", "Text prepended to items sent with input_type=document.")
+    dimensions: str = _opt(
+        "auto", "Whether a request may ask for fewer dimensions (a Matryoshka prefix): auto = "
+        "when the model card says it was trained for it (MatryoshkaLoss), on, or off."
+    )
     heartbeat_interval_ms: int = _shared_opt("heartbeat_interval_ms")
     heartbeat_liveness: int = _shared_opt("heartbeat_liveness")
     stall_timeout_s: float = _shared_opt("stall_timeout_s")
