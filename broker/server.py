@@ -342,6 +342,10 @@ class Broker:
             return
         log.info("engine %s joined lane %s: %s dim=%d credits=%d", identity.hex(), engine.lane,
                  engine.info.get("model"), engine.dim, engine.credits_total)
+        if engine.lane not in p.LANE_KINDS:
+            # A lane of the operator's own (a second text model, say) serves the kinds its
+            # engines announce, besides its own name.
+            self.lane_kinds[engine.lane] = self.lane_kinds[engine.lane] | engine.kinds
 
     def send_engine(self, identity: bytes, cmd: bytes, header: dict[str, Any] | None = None,
                     body: Any = None) -> bool:
