@@ -32,6 +32,7 @@ from zembed.messages import (
     MAX_ENGINE_HEADER_BYTES,
     HeaderRefused,
     Limits,
+    brief,
     packb,
     parse_embed_header,
     parse_items,
@@ -239,7 +240,7 @@ class Broker:
                 self.answer_management(identity, rid, op)
                 return
             if op != p.OP_EMBED:
-                raise BadRequest(f"unknown op {op!r:.40}; ops are embed, "
+                raise BadRequest(f"unknown op {brief(op, 40)}; ops are embed, "
                                  + ", ".join(sorted(p.MANAGEMENT_OPS)))
             if len(frames) != 4:
                 raise BadRequest(f"an embed request has 3 frames, got {len(frames) - 1}")

@@ -92,6 +92,16 @@ def test_bad_dimensions_and_input_type_say_what_is_wanted() -> None:
         parse_embed_header(header(input_type="two words"), LANES, LIMITS)
 
 
+def test_a_long_bad_value_is_cut_with_an_ellipsis_not_on_a_colon() -> None:
+    """Found by the hostile-header fuzz: a map cut after its first key read ``got {'…':``, an
+    error that seems to stop before its reason."""
+    value = {"a" * 56: "b"}
+    assert repr(value)[:60].endswith(":")
+    with pytest.raises(BadRequest) as info:
+        parse_embed_header(header(dtype=value), LANES, LIMITS)
+    assert info.value.message.endswith("…") and len(info.value.message) < 120
+
+
 def test_deadline_is_capped() -> None:
     assert parse_embed_header(header(deadline_ms=10**9), LANES, LIMITS)[4] == LIMITS.max_deadline_ms
 

@@ -209,6 +209,16 @@ def request_id(header: dict[str, Any]) -> int | None:
     return None
 
 
+def brief(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for an error text, cut at ``limit`` characters with an ellipsis.
+
+    A bare cut could end an error on ``": "`` (a map's key) and read as if the reason were
+    missing; the ellipsis says the value goes on.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _field(header: dict[str, Any], name: str, typ: type, default: Any) -> Any:
     """``header[name]`` checked to be ``typ``; absent or nil gives ``default`` (None: absent)."""
     value = header.get(name)
@@ -217,7 +227,7 @@ def _field(header: dict[str, Any], name: str, typ: type, default: Any) -> Any:
         if value is None:
             return None
     if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise BadRequest(f"header field {name!r} must be {typ.__name__}, got {value!r:.60}")
+        raise BadRequest(f"header field {name!r} must be {typ.__name__}, got {brief(value)}")
     return value
 
 
@@ -252,7 +262,7 @@ def parse_input_type(header: dict[str, Any]) -> str | None:
     if input_type is not None and not is_prompt_name(input_type):
         raise BadRequest(f"input_type must be a prompt name of 1-{p.MAX_INPUT_TYPE_CHARS} "
                          f"characters from [{p.INPUT_TYPE_CHARS}] (such as "
-                         f"{' or '.join(sorted(p.INPUT_TYPES))}), got {input_type!r:.80}")
+                         f"{' or '.join(sorted(p.INPUT_TYPES))}), got {brief(input_type, 80)}")
     return input_type
 
 
@@ -270,14 +280,14 @@ def parse_embed_header(
     """Validate an embed header (what can be judged without the lane's model)."""
     lane = _field(header, "lane", str, p.LANE_TEXT)
     if lane not in lane_kinds:
-        raise UnknownLane(f"unknown lane {lane!r:.60}; this broker serves {sorted(lane_kinds)}")
+        raise UnknownLane(f"unknown lane {brief(lane)}; this broker serves {sorted(lane_kinds)}")
     kind = _field(header, "kind", str, lane)
     if kind not in lane_kinds[lane]:
-        raise BadRequest(f"lane {lane!r} serves kinds {sorted(lane_kinds[lane])}, not {kind!r:.60}")
+        raise BadRequest(f"lane {lane!r} serves kinds {sorted(lane_kinds[lane])}, not {brief(kind)}")
     normalize = _field(header, "normalize", bool, True)
     dtype = _field(header, "dtype", str, p.DTYPE_F32)
     if dtype not in p.DTYPES:
-        raise BadRequest(f"dtype must be one of {sorted(p.DTYPES)}, got {dtype!r:.60}")
+        raise BadRequest(f"dtype must be one of {sorted(p.DTYPES)}, got {brief(dtype)}")
     deadline_ms = _field(header, "deadline_ms", int, limits.default_deadline_ms)
     if deadline_ms <= 0:
         raise BadRequest(f"deadline_ms must be positive, got {deadline_ms}")
