@@ -5,6 +5,7 @@ that does not truncate says so."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import RedisServer, Stack, new_stack
 
-from zembed.client import BadRequest, Client, EmbedResult
+from zembed.client import AsyncClient, BadRequest, Client, EmbedResult
 from zembed.client.bulk import EmbedChunk
 
 DIM = 384
@@ -123,6 +124,22 @@ def test_bulk_and_cli_take_dimensions(matryoshka: Stack, client: Client,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert np.load(out).shape == (6, 48)
+
+
+def test_the_async_client_takes_dimensions(matryoshka: Stack, client: Client) -> None:
+    texts = fresh(12)
+
+    async def main() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        async with AsyncClient(matryoshka.frontend, timeout=20) as ac:
+            one = await ac.embed_texts(texts[:2], dimensions=96)
+            many = await ac.embed_many(texts, dimensions=96, batch_size=4)
+            chunks = [ch.vectors async for ch in ac.embed_many_iter(texts[:3], dimensions=96)]
+            return one, many, np.concatenate(chunks)
+
+    one, many, iterated = asyncio.run(main())
+    assert one.shape == (2, 96) and many.shape == (12, 96) and iterated.shape == (3, 96)
+    sync = client.embed_texts(texts, dimensions=96)
+    assert (cosines(many, sync) > 0.999).all()
 
 
 def test_dimensions_the_model_does_not_have_and_unknown_prompts_are_400(
