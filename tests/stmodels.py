@@ -7,6 +7,7 @@ tokenizer is the bundled all-MiniLM-L6-v2 one (offline); the transformers are 2-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,12 @@ def st_model(base: Path, folder: Path, *tail: str, pooling: Any = "mean",
     model = SentenceTransformer(modules=modules, device="cpu", prompts=prompts,
                                 default_prompt_name=default_prompt)
     model.save(str(folder))
+    config = folder / "config_sentence_transformers.json"
+    saved = json.loads(config.read_text())
+    # sentence-transformers 6 saves an empty "document" prompt beside the given ones; models
+    # saved by earlier versions (e5-style: query + passage) have none, so keep only the given.
+    saved["prompts"] = prompts or {}
+    config.write_text(json.dumps(saved))
     return folder
 
 
