@@ -127,3 +127,67 @@ def test_a_plain_checkpoint_says_it_is_mean_pooled(tmp_path: Path) -> None:
     assert model.describe()["pipeline"] == ("plain transformers checkpoint (no modules.json): "
                                             "mean pooling")
     assert model.encode(TEXTS[:1]).shape == (1, 384)
+
+
+# -- the fingerprint covers every module; large files' digests are remembered ---------------
+
+
+def test_every_module_file_enters_the_fingerprint(tmp_path: Path) -> None:
+    """A retrained Dense head or a new prompt never meets an old cache entry; the model card's
+    prose is not part of the function."""
+    import stmodels as sm
+
+    folder = sm.st_model(sm.encoder(tmp_path / "enc"), tmp_path / "dense", pooling="mean",
+                         dense=16, prompts={"query": "query: "})
+
+    def fingerprint() -> str:
+        return TextModel(TextEngineConfig(model=str(folder), threads=1)).fingerprint("text")
+
+    first = fingerprint()
+    (folder / "README.md").write_text("# edited prose\n")
+    assert fingerprint() == first
+    dense = folder / "2_Dense" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(dense)
+    save_file({k: v + 0.01 for k, v in weights.items()}, dense)
+    retrained = fingerprint()
+    assert retrained != first
+    config = folder / "config_sentence_transformers.json"
+    config.write_text(config.read_text().replace("query: ", "search query: "))
+    assert fingerprint() not in (first, retrained)
+
+
+def test_a_large_files_digest_is_remembered_beside_it(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from zembed.engines import filehash
+
+    monkeypatch.setattr(filehash, "REMEMBER_FROM_BYTES", 1024)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(os.urandom(4096))
+    real = filehash.file_digest(weights)
+    record = tmp_path / ".model.safetensors.zembed-hash"
+    assert json.loads(record.read_text())["digest"] == real
+    # The record is what a restart uses (no re-read): a planted digest comes back as long as
+    # size and mtime match, and a rewritten file is hashed again.
+    planted = json.loads(record.read_text()) | {"digest": "planted"}
+    record.write_text(json.dumps(planted))
+    assert filehash.file_digest(weights) == "planted"
+    weights.write_bytes(os.urandom(4096))
+    assert filehash.file_digest(weights) not in ("planted", real)
+
+
+def test_a_read_only_model_folder_keeps_digests_in_the_user_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zembed.engines import filehash
+
+    monkeypatch.setattr(filehash, "REMEMBER_FROM_BYTES", 1024)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(os.urandom(4096))
+    (tmp_path / "model" / ".model.safetensors.zembed-hash").mkdir()  # not writable as a file
+    digest = filehash.file_digest(weights)
+    kept = list((tmp_path / "cache" / "zembed" / "hashes").glob("*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["digest"] == digest
+    assert filehash.file_digest(weights) == digest
