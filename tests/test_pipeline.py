@@ -191,3 +191,23 @@ def test_a_read_only_model_folder_keeps_digests_in_the_user_cache(
     kept = list((tmp_path / "cache" / "zembed" / "hashes").glob("*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["digest"] == digest
     assert filehash.file_digest(weights) == digest
+
+
+def test_a_model_card_that_declares_matryoshka_allows_dimensions(tmp_path: Path) -> None:
+    """sentence-transformers writes the training loss into the card it saves: with
+    MatryoshkaLoss there, ``--dimensions auto`` lets requests ask for a prefix."""
+    folder = variant(tmp_path, "matryoshka")
+    assert not read_pipeline(folder).matryoshka  # the bundled card: no such loss
+    (folder / "README.md").unlink(missing_ok=True)
+    (folder / "README.md").write_text(
+        "---\ntags:\n- sentence-transformers\n- loss:MatryoshkaLoss\n---\n"
+        '```json\n{"loss": "MultipleNegativesRankingLoss", "matryoshka_dims": [384, 256, 128, 64],'
+        ' "matryoshka_weights": [1, 1, 1, 1]}\n```\n')
+    pipe = read_pipeline(folder)
+    assert pipe.matryoshka and pipe.matryoshka_dims == (384, 256, 128, 64)
+    model = TextModel(TextEngineConfig(model=str(folder), threads=1))
+    assert model.describe()["dimensions"] is True
+    assert model.describe()["matryoshka_dims"] == [384, 256, 128, 64]
+    off = TextModel(TextEngineConfig(model=str(folder), threads=1, dimensions="off"))
+    assert off.describe()["dimensions"] is False
+    assert off.fingerprint("text") == model.fingerprint("text")  # same function either way
