@@ -63,6 +63,17 @@ def scrape_metrics(port: int, timeout: float = 30.0) -> str:
     return text
 
 
+def hit_when_written(call: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Repeat ``call`` until every item comes from the cache (writes land after the reply)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = call()
+        if result.cached == len(result.vectors) or time.monotonic() > deadline:
+            assert result.cached == len(result.vectors), "write-back never landed"
+            return result
+        time.sleep(0.02)
+
+
 @dataclass
 class Proc:
     """A child process we started; ``stop`` is idempotent."""

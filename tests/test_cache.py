@@ -11,7 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RedisServer, Stack, new_stack, tiny_args, wait_until
+from conftest import (
+    RedisServer,
+    Stack,
+    hit_when_written,
+    new_stack,
+    tiny_args,
+    wait_until,
+)
 from images import jpeg, png
 
 from zembed.client import Client, EngineUnavailable
@@ -25,17 +32,6 @@ def fresh(n: int) -> list[str]:
 
 def lane_stats(c: Client, lane: str = "text") -> dict[str, Any]:
     return c.stats()["lanes"][lane]  # type: ignore[no-any-return]
-
-
-def hit_when_written(call: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Repeat ``call`` until every item comes from the cache (writes land asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = call()
-        if result.cached == len(result.vectors) or time.monotonic() > deadline:
-            assert result.cached == len(result.vectors), "write-back never landed"
-            return result
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

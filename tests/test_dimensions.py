@@ -9,16 +9,15 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RedisServer, Stack, new_stack
+from conftest import RedisServer, Stack, hit_when_written, new_stack
 
-from zembed.client import AsyncClient, BadRequest, Client, EmbedResult
+from zembed.client import AsyncClient, BadRequest, Client
 from zembed.client.bulk import EmbedChunk
 
 DIM = 384
@@ -37,17 +36,6 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(unit(a) * unit(b), axis=1)  # type: ignore[no-any-return]
-
-
-def hit_when_written(call: Callable[[], EmbedResult], timeout: float = 5.0) -> EmbedResult:
-    """Repeat ``call`` until every item comes from the cache (writes land after the reply)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = call()
-        if result.cached == len(result.vectors) or time.monotonic() > deadline:
-            assert result.cached == len(result.vectors), "write-back never landed"
-            return result
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
