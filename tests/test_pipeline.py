@@ -211,3 +211,23 @@ def test_a_model_card_that_declares_matryoshka_allows_dimensions(tmp_path: Path)
     off = TextModel(TextEngineConfig(model=str(folder), threads=1, dimensions="off"))
     assert off.describe()["dimensions"] is False
     assert off.fingerprint("text") == model.fingerprint("text")  # same function either way
+
+
+def test_the_operators_prefixes_override_the_models_prompts(tmp_path: Path) -> None:
+    import stmodels as sm
+
+    folder = sm.st_model(sm.encoder(tmp_path / "enc"), tmp_path / "prompts", pooling="mean",
+                         prompts=sm.PROMPTS)
+    model = TextModel(TextEngineConfig(model=str(folder), threads=1))
+    tok = model.tokenizer
+    assert model.prepare("text", ["x"], "query") == [tok("query: x")["input_ids"]]
+    assert model.prepare("text", ["x"], "document") == [tok("passage: x")["input_ids"]]
+    mine = TextModel(TextEngineConfig(model=str(folder), threads=1, query_prefix="find: ",
+                                      document_prefix="doc: "))
+    assert mine.prepare("text", ["x"], "query") == [tok("find: x")["input_ids"]]
+    assert mine.prepare("text", ["x"], "document") == [tok("doc: x")["input_ids"]]
+    assert mine.prepare("text", ["x"], "classification") == [
+        tok("Classify the topic: x")["input_ids"]]
+    unknown = mine.prepare("text", ["x", "y"], "summarize")
+    assert [e.status for e in unknown] == [400, 400] and "summarize" in unknown[0].message
+    assert mine.fingerprint("text") != model.fingerprint("text")
