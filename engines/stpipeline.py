@@ -26,8 +26,9 @@ from typing import Any
 
 #: sentence-transformers module classes that map the Transformer's output to a vector without
 #: looking at anything else (eval mode): these are run as declared.
+#: (LSTM is left out: it needs per-text lengths that only a WordEmbeddings input module gives.)
 PURE_MODULES = frozenset({"Pooling", "Dense", "Normalize", "LayerNorm", "WeightedLayerPooling",
-                          "WordWeights", "CNN", "LSTM", "Dropout"})
+                          "WordWeights", "CNN", "Dropout"})
 #: Transformer settings (``sentence_bert_config.json``) zembed applies, or that cannot change a
 #: text embedding; any other key with a non-default value is refused by name.
 _APPLIED_SETTINGS = frozenset({"max_seq_length", "do_lower_case", "processor_kwargs",
@@ -106,11 +107,6 @@ class Pipeline:
     def include_prompt(self) -> bool:
         """False when a Pooling module leaves the prompt's tokens out (INSTRUCTOR-style)."""
         return all(s.config.get("include_prompt", True) for s in self.steps if s.kind == "Pooling")
-
-    @property
-    def needs_hidden_states(self) -> bool:
-        """WeightedLayerPooling reads every layer's output, which costs memory otherwise."""
-        return any(s.kind == "WeightedLayerPooling" for s in self.steps)
 
 
 def read_pipeline(model_dir: Path) -> Pipeline:

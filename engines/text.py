@@ -309,13 +309,12 @@ class TextModel:
             mask[row, where] = 1
         input_ids = torch.from_numpy(ids).to(self.device)
         attention = torch.from_numpy(mask).to(self.device)
-        hidden_states = self.pipeline.needs_hidden_states
-        out = self.model(input_ids=input_ids, attention_mask=attention,
-                         output_hidden_states=hidden_states)
+        out = self.model(input_ids=input_ids, attention_mask=attention)
         features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention,
-                                    "token_embeddings": out.last_hidden_state.float(),
-                                    "sentence_lengths": attention.sum(1)}
-        if hidden_states:
+                                    "token_embeddings": out.last_hidden_state.float()}
+        # Every layer's output, where the model's config asks for it (WeightedLayerPooling
+        # reads it; sentence-transformers passes it on exactly then).
+        if getattr(out, "hidden_states", None) is not None:
             features["all_layer_embeddings"] = [h.float() for h in out.hidden_states]
         prompts = [getattr(seq, "prompt_length", 0) for seq in inputs]
         pooled = self.post(features, prompts)

@@ -87,6 +87,18 @@ def st_model(base: Path, folder: Path, *tail: str, pooling: Any = "mean",
     return folder
 
 
+def st_pipeline(base: Path, folder: Path, tail: Any, hidden_states: bool = False) -> Path:
+    """Save ``Transformer → tail(modules namespace)`` as a ST folder (any module mix)."""
+    from sentence_transformers import SentenceTransformer
+
+    m = _module_classes()
+    torch.manual_seed(2)
+    config = {"output_hidden_states": True} if hidden_states else None
+    transformer = m.Transformer(str(base), max_seq_length=MAX_SEQ, config_kwargs=config)
+    SentenceTransformer(modules=[transformer, *tail(m)], device="cpu").save(str(folder))
+    return folder
+
+
 def reference(folder: Path, texts: list[str], prompt_name: str | None = None,
               document: bool = False) -> Any:
     """What sentence-transformers returns for ``texts`` (float32, not normalised again)."""

@@ -231,3 +231,42 @@ def test_the_operators_prefixes_override_the_models_prompts(tmp_path: Path) -> N
     unknown = mine.prepare("text", ["x", "y"], "summarize")
     assert [e.status for e in unknown] == [400, 400] and "summarize" in unknown[0].message
     assert mine.fingerprint("text") != model.fingerprint("text")
+
+
+def _vocab() -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_path())
+    return [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+
+
+@pytest.mark.parametrize("shape", ["weighted-layers", "cnn", "word-weights"])
+def test_other_pure_modules_match_sentence_transformers(tmp_path: Path, shape: str) -> None:
+    """The rarer modules zembed runs (in-process: the broker path is tests/test_fidelity.py):
+    WeightedLayerPooling over every layer, a CNN over the tokens, WordWeights from the vocab."""
+    import stmodels as sm
+
+    def tail(m: object) -> list[object]:
+        mods: dict[str, list[object]] = {
+            "weighted-layers": [m.WeightedLayerPooling(sm.HIDDEN, num_hidden_layers=2,  # type: ignore[attr-defined]
+                                                       layer_start=1),
+                                m.Pooling(sm.HIDDEN)],  # type: ignore[attr-defined]
+            "cnn": [m.CNN(sm.HIDDEN, out_channels=8, kernel_sizes=[1, 3]),  # type: ignore[attr-defined]
+                    m.Pooling(16, pooling_mode="max")],  # type: ignore[attr-defined]
+            "word-weights": [m.WordWeights(_vocab(), {"shoes": 3.0, "trail": 0.5},  # type: ignore[attr-defined]
+                                           unknown_word_weight=1.0),
+                             m.Pooling(sm.HIDDEN)],  # type: ignore[attr-defined]
+        }
+        return mods[shape]
+
+    folder = sm.st_pipeline(sm.encoder(tmp_path / "enc"), tmp_path / shape, tail,
+                            hidden_states=shape == "weighted-layers")
+    model = TextModel(TextEngineConfig(model=str(folder), threads=1, dtype="fp32"))
+    if shape == "weighted-layers":  # else the module would pass the last layer through
+        assert model.model.config.output_hidden_states is True
+    ours = model.encode(sm.TEXTS)
+    ref = sm.reference(folder, sm.TEXTS)
+    assert ours.shape == ref.shape
+    cosine = np.sum(ours * ref, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() >= 0.9999
+    assert np.allclose(np.linalg.norm(ours, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-4)
