@@ -97,11 +97,7 @@ class Pipeline:
     @property
     def pooling(self) -> str:
         """The pooling modes, as READY has always shown them ('mean', 'cls', 'max+mean', ...)."""
-        for step in self.steps:
-            if step.kind == "Pooling":
-                modes = step.config.get("pooling_mode", "mean")
-                return "+".join(modes) if isinstance(modes, list | tuple) else str(modes)
-        return "none"
+        return next((_modes(s) for s in self.steps if s.kind == "Pooling"), "none")
 
     @property
     def include_prompt(self) -> bool:
@@ -167,10 +163,8 @@ def _plain(model_dir: Path) -> Pipeline:
                     _module_config(model_dir, "1_Pooling", "Pooling", "1_Pooling"))
     else:
         step = Step("Pooling", None, {"pooling_mode": "mean"})
-    pipeline = Pipeline(model_dir, (step,), False, "", files=_shaping_files(model_dir, []))
-    description = (f"plain transformers checkpoint (no modules.json): {pipeline.pooling} "
-                   "pooling")
-    return Pipeline(model_dir, (step,), False, description, files=pipeline.files)
+    description = f"plain transformers checkpoint (no modules.json): {_modes(step)} pooling"
+    return Pipeline(model_dir, (step,), False, description, files=_shaping_files(model_dir, []))
 
 
 def _load(path: Path) -> Any:
@@ -226,10 +220,15 @@ def _plain_normalize(step: Step) -> bool:
     return all(n in (None, "sentence_embedding") for n in names)
 
 
+def _modes(step: Step) -> str:
+    """A Pooling step's modes as READY shows them ('mean', 'cls+max+mean', ...)."""
+    modes = step.config.get("pooling_mode", "mean")
+    return "+".join(modes) if isinstance(modes, list | tuple) else str(modes)
+
+
 def _step_name(step: Step) -> str:
     if step.kind == "Pooling":
-        modes = step.config.get("pooling_mode", "mean")
-        text = "+".join(modes) if isinstance(modes, list | tuple) else str(modes)
+        text = _modes(step)
         if step.config.get("include_prompt") is False:
             text += ", prompt excluded"
         return f"Pooling({text})"
