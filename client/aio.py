@@ -61,6 +61,11 @@ class AsyncClient:
         #: Requests sent again after a connection drop (observability, tests).
         self.resubmitted = 0
 
+    @property
+    def connected(self) -> bool:
+        """A connection to the broker is up now (a request sent now reaches it)."""
+        return self._sock is not None and link.connected(self._sock)
+
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
                           dimensions: int | None = None,
@@ -155,18 +160,24 @@ class AsyncClient:
                               normalize: bool = True, dtype: str = "f32",
                               input_type: str | None = None, dimensions: int | None = None,
                               batch_size: int | None = None, in_flight: int | None = None,
-                              retry_for: float = 300.0) -> AsyncIterator[EmbedChunk]:
+                              retry_for: float = 300.0, refuse_unadmitted: bool = False,
+                              lane: str | None = None) -> AsyncIterator[EmbedChunk]:
         """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
-        ``cached_items``), read from ``items`` only as fast as they are embedded."""
-        plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight),
+        ``cached_items``), read from ``items`` only as fast as they are embedded.
+
+        ``refuse_unadmitted``: a lane too full to take any of the run raises its 429
+        (:class:`~zembed.client.bulk.BulkPlan`) instead of waiting for room. ``lane``: the
+        lane to send to, when not the kind's usual one (a broker's ``--lanes``).
+        """
+        lane = lane or KIND_LANES[kind]
+        plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight, lane),
                         retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype,
-                        dimensions=dimensions)
-        lane = KIND_LANES[kind]
+                        dimensions=dimensions, refuse_unadmitted=refuse_unadmitted)
         tasks: dict[asyncio.Future[EmbedResult], Piece] = {}
         try:
             while not plan.done:
                 if plan.wants_info:
-                    plan.resize(await self._sizing(kind, batch_size, in_flight))
+                    plan.resize(await self._sizing(kind, batch_size, in_flight, lane))
                 for piece in plan.take(time.monotonic()):
                     tasks[asyncio.ensure_future(self._embed_once(
                         lane, kind, piece.wire, normalize, dtype, input_type,
@@ -189,10 +200,11 @@ class AsyncClient:
             for task in tasks:
                 task.cancel()
 
-    async def _sizing(self, kind: str, batch_size: int | None,
-                      in_flight: int | None) -> Sizing:
-        """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
-        return Sizing.from_info(await self.info(), kind, items=batch_size, in_flight=in_flight)
+    async def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None,
+                      lane: str | None = None) -> Sizing:
+        """Request sizes for ``kind`` on ``lane`` from the broker's ``info`` (or the caller's)."""
+        return Sizing.from_info(await self.info(), kind, items=batch_size, in_flight=in_flight,
+                                lane_name=lane)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round trip to the broker."""

@@ -75,16 +75,17 @@ class Sizing:
 
     @classmethod
     def from_info(cls, info: dict[str, Any], kind: str, *, items: int | None = None,
-                  in_flight: int | None = None) -> Sizing:
+                  in_flight: int | None = None, lane_name: str | None = None) -> Sizing:
         """Requests that fill a forward pass, two per engine so the next one always waits.
 
         ``items`` and ``in_flight`` override what the broker suggests (``items`` is still
-        capped by what the lane can take).
+        capped by what the lane can take). ``lane_name``: the lane, when not the kind's
+        usual one (a broker's own lanes, ``--lanes``).
         """
         if kind not in KIND_LANES:
             raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
         limits, lanes = info.get("limits", {}), info.get("lanes", {})
-        lane = lanes.get(KIND_LANES[kind])
+        lane = lanes.get(lane_name or KIND_LANES[kind])
         if lane is None:
             raise UnknownLane(f"the broker serves no lane for kind {kind!r} ({sorted(lanes)})")
         max_items = int(limits.get("max_items", PROVISIONAL_ITEMS))
@@ -157,12 +158,17 @@ class BulkPlan:
     :param dtype: ``f32`` or ``bf16``, for the zero rows of failed items.
     :param dimensions: the width asked for (Matryoshka truncation), if any: the rows are that
         wide, not the lane's ``dim`` from ``info``.
+    :param refuse_unadmitted: raise a 429 that comes while nothing of the run is admitted (no
+        request answered with vectors, none other in flight) instead of waiting it out: the
+        run is refused as a whole, at once, as a single request would be. The HTTP gateway
+        splits one large request this way: a full lane turns it away; once it is in, it
+        finishes.
     """
 
     def __init__(self, items: Iterable[Any], kind: str, sizing: Sizing, *,
                  convert: Callable[[Any], Any] | None = None, retry_for_s: float = 300.0,
                  backoff_s: float = 0.05, dtype: str = p.DTYPE_F32,
-                 dimensions: int | None = None,
+                 dimensions: int | None = None, refuse_unadmitted: bool = False,
                  rand: Callable[[], float] = random.random) -> None:
         self.kind = kind
         self.sizing = sizing
@@ -170,6 +176,8 @@ class BulkPlan:
         self.retry_for_s = retry_for_s
         self.backoff_s = backoff_s
         self.rand = rand
+        self.refuse_unadmitted = refuse_unadmitted
+        self._admitted = False  # a request of the run was answered with vectors
         self.dtype = np.dtype("<f4") if dtype == p.DTYPE_F32 else np.dtype("<u2")
         self.dim = sizing.dim if dimensions is None else check_dimensions(dimensions)
         self._inputs = iter(items)
@@ -264,6 +272,7 @@ class BulkPlan:
     def succeeded(self, piece: Piece, result: EmbedResult) -> None:
         """A piece's request was answered with vectors."""
         self._in_flight -= 1
+        self._admitted = True
         piece.result = result
         self.dim = self.dim or int(result.vectors.shape[1])
         self._finish(piece)
@@ -278,6 +287,9 @@ class BulkPlan:
         # A 429 waits what the broker estimates (its backoff does not grow: the lane is alive
         # and busy, and a bulk run that waited longer than asked would only lose its turn).
         overloaded = exc.status == p.OVERLOADED
+        if (overloaded and self.refuse_unadmitted and not self._admitted
+                and not self._in_flight):
+            raise exc
         delay = retry_delay(exc, 0 if overloaded else piece.attempt, self.backoff_s,
                             deadline=True, rand=self.rand)
         if delay is None:

@@ -391,6 +391,22 @@ def exporter(port: int, addr: str, poll: bool, config_file: str | None, **flags:
 
 
 @main.command()
+@config_file_option
+@config_options(cfgmod.GatewayConfig)
+def gateway(config_file: str | None, **flags: Any) -> None:
+    """HTTP gateway: OpenAI /v1/embeddings and TEI /embed in front of the broker (docs/http.md)."""
+    from zembed import logs
+    from zembed.gateway.serve import GatewayConfigError, serve
+
+    cfg = cfgmod.load(cfgmod.GatewayConfig, config_file=config_file, flags=flags)
+    logs.setup(cfg.log_level, "gateway")
+    try:
+        serve(cfg)
+    except GatewayConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
 @click.option("--kind", type=click.Choice(["text", "clip-text", "image", "mix"]), default="text",
               show_default=True, help="mix = text and image interleaved.")
 @click.option("--items", default=1, show_default=True, help="Items per request.")

@@ -4,7 +4,7 @@ Each field documents itself (``metadata["help"]``, unit in the name or the help)
 options, the environment variables and ``docs/configuration.md`` all come from one place.
 
 Precedence, lowest to highest: dataclass default < TOML file section < environment < CLI flag.
-The TOML file has one table per process (``[broker]``, ``[text]``, ``[client]``); the
+The TOML file has one table per process (``[broker]``, ``[text]``, ``[client]``, ``[gateway]``...); the
 environment variable of a field is ``ZEMBED_<SECTION>_<FIELD>`` (``ZEMBED_TEXT_CREDITS=64``).
 """
 
@@ -238,8 +238,46 @@ class ClientConfig:
     )
 
 
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of the HTTP gateway (``zembed gateway``): OpenAI and TEI routes over a broker."""
+
+    section: ClassVar[str] = "gateway"
+
+    broker: str = _opt(p.DEFAULT_FRONTEND, "Broker frontend endpoint each worker connects to.")
+    listen: str = _opt("127.0.0.1:8080", "HOST:PORT the HTTP server binds (loopback by default).")
+    workers: int = _opt(1, "Worker processes, each with its own broker connection.")
+    timeout_s: float = _opt(
+        30.0, "Longest a request waits for all its vectors (a split one included); 504 after, s."
+    )
+    max_body_bytes: int = _opt(
+        32 << 20, "Largest request body, 413 above (Content-Length checked before reading), bytes."
+    )
+    max_inputs: int = _opt(2048, "Most inputs in one request (OpenAI's limit), 413 above.")
+    model_aliases: tuple[str, ...] = _opt(
+        (), "More model names, NAME=LANE, comma-separated (text-embedding-3-small=text)."
+    )
+    default_lane: str = _opt(
+        p.LANE_TEXT, "Lane of requests that name no model (TEI's /embed; OpenAI without model)."
+    )
+    api_keys_file: str = _opt(
+        "", "File of API keys, one per line (Authorization: Bearer KEY); re-read when it "
+        "changes. Empty = no keys."
+    )
+    insecure_no_auth: bool = _opt(
+        False, "Allow a non-loopback listen address without API keys (a proxy in front "
+        "authenticates)."
+    )
+    tls_certfile: str = _opt("", "PEM certificate (chain) to serve HTTPS; empty = plain HTTP.")
+    tls_keyfile: str = _opt("", "PEM private key of tls_certfile.")
+    access_log: bool = _opt(False, "Log every request (costs CPU at thousands of requests/s).")
+    curve_secret_key: str = _shared_opt("curve_secret_key")
+    curve_server_key: str = _shared_opt("curve_server_key")
+    log_level: str = _shared_opt("log_level")
+
+
 CONFIG_CLASSES: tuple[type[Any], ...] = (
-    BrokerConfig, TextEngineConfig, ImageEngineConfig, ClientConfig,
+    BrokerConfig, TextEngineConfig, ImageEngineConfig, ClientConfig, GatewayConfig,
 )
 
 

