@@ -205,13 +205,14 @@ class Gateway:
 
     async def _vectors(self, scope: Scope, target: Target, items: list[Any], *,
                        normalize: bool, dimensions: int | None,
-                       input_type: str | None) -> Any:
+                       input_type: str | None) -> tuple[Any, list[tuple[bytes, bytes]]]:
+        """The vectors, and the headers that say how many inputs the cache served."""
         assert self.client is not None
-        vectors = await dispatch.embed(self.client, target, items, normalize=normalize,
-                                       dimensions=dimensions, input_type=input_type,
-                                       timeout_s=self.cfg.timeout_s)
+        vectors, cached = await dispatch.embed(
+            self.client, target, items, normalize=normalize, dimensions=dimensions,
+            input_type=input_type, timeout_s=self.cfg.timeout_s)
         scope["zembed.inputs"] = len(items)
-        return vectors
+        return vectors, [JSON, (b"x-zembed-cached", str(cached).encode())]
 
     # -- routes --------------------------------------------------------------------------
 
@@ -221,16 +222,19 @@ class Gateway:
         items: list[Any] = req.inputs
         if req.modality == "image":
             items = [dispatch.image_input(v, i) for i, v in enumerate(items)]
-        vectors = await self._vectors(scope, target, items, normalize=True,
-                                      dimensions=req.dimensions, input_type=req.input_type)
-        return 200, openai_api.render(vectors, target.model, req.base64), [JSON]
+        vectors, headers = await self._vectors(scope, target, items, normalize=True,
+                                               dimensions=req.dimensions,
+                                               input_type=req.input_type)
+        return 200, openai_api.render(vectors, target.model, req.base64), headers
 
     async def _tei_embed(self, scope: Scope, receive: Receive) -> Answer:
         req = tei.parse(await self._json_body(scope, receive), self.cfg.max_inputs)
         target = await self._target(None, "text")
-        vectors = await self._vectors(scope, target, req.inputs, normalize=req.normalize,
-                                      dimensions=req.dimensions, input_type=req.prompt_name)
-        return 200, tei.render(vectors), [JSON]
+        vectors, headers = await self._vectors(scope, target, req.inputs,
+                                               normalize=req.normalize,
+                                               dimensions=req.dimensions,
+                                               input_type=req.prompt_name)
+        return 200, tei.render(vectors), headers
 
     async def _models(self, scope: Scope, receive: Receive) -> Answer:
         if not await self.read_info() and not self.models.known:

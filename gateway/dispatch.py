@@ -51,8 +51,9 @@ def _item_error(errors: dict[int, tuple[int, str]]) -> HttpError:
 
 async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
                 normalize: bool, dimensions: int | None, input_type: str | None,
-                timeout_s: float) -> npt.NDArray[np.float32]:
-    """float32 ``(len(items), d)`` for ``items`` on ``target``, or raise :class:`HttpError`."""
+                timeout_s: float) -> tuple[npt.NDArray[np.float32], int]:
+    """(float32 ``(len(items), d)``, how many came from the cache) for ``items`` on
+    ``target``, or raise :class:`HttpError`."""
     if not client.connected:
         # Never wait for a broker that is not there: the client would hold the request until
         # its timeout hoping for a reconnect; an HTTP client is better told at once.
@@ -74,19 +75,20 @@ async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
 
 async def _single(client: AsyncClient, target: Target, items: Sequence[Any], normalize: bool,
                   dimensions: int | None, input_type: str | None,
-                  timeout_s: float) -> npt.NDArray[np.float32]:
+                  timeout_s: float) -> tuple[npt.NDArray[np.float32], int]:
     result = await client.embed(target.lane, target.kind, items, normalize=normalize,
                                 dtype=p.DTYPE_BF16, input_type=input_type,
                                 dimensions=dimensions, timeout=timeout_s)
     if result.item_errors:
         raise _item_error(result.item_errors)
-    return from_bf16(result.vectors)
+    return from_bf16(result.vectors), result.cached
 
 
 async def _split(client: AsyncClient, target: Target, items: Sequence[Any], normalize: bool,
                  dimensions: int | None, input_type: str | None,
-                 timeout_s: float) -> npt.NDArray[np.float32]:
+                 timeout_s: float) -> tuple[npt.NDArray[np.float32], int]:
     parts: list[npt.NDArray[np.uint16]] = []
+    cached = 0
     async for chunk in client.embed_many_iter(
             items, target.kind, normalize=normalize, dtype=p.DTYPE_BF16, input_type=input_type,
             dimensions=dimensions, retry_for=timeout_s, refuse_unadmitted=True,
@@ -94,6 +96,7 @@ async def _split(client: AsyncClient, target: Target, items: Sequence[Any], norm
         if chunk.item_errors:
             raise _item_error(chunk.item_errors)
         parts.append(chunk.vectors)
+        cached += len(chunk.cached_items)
     if not parts:
         raise EngineUnavailable("no vectors came back")
-    return from_bf16(np.concatenate(parts))
+    return from_bf16(np.concatenate(parts)), cached
