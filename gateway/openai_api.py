@@ -76,13 +76,12 @@ def text_inputs(value: Any, field: str, max_inputs: int) -> list[str]:
     if len(value) > max_inputs:
         raise HttpError(413, f"'{field}' has {len(value)} inputs; at most {max_inputs} are "
                         "allowed in one request", "too_many_inputs", field)
+    if all(isinstance(x, int) for x in value) or all(
+            isinstance(x, list) and all(isinstance(t, int) for t in x) for x in value):
+        raise bad_request(f"'{field}' holds token ids: send text; zembed tokenises with the "
+                          "model's own tokenizer", param=field, code="token_ids_not_supported")
     for index, item in enumerate(value):
         if not isinstance(item, str):
-            if isinstance(item, int) or (isinstance(item, list) and all(
-                    isinstance(x, int) for x in item)):
-                raise bad_request(f"'{field}' holds token ids (input[{index}]): send text; "
-                                  "zembed tokenises with the model's own tokenizer",
-                                  param=field, code="token_ids_not_supported")
             raise bad_request(f"{field}[{index}] must be a string, got {type(item).__name__}",
                               param=field)
     return value
