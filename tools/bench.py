@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,12 +274,18 @@ def served_engines(endpoint: str, curve: tuple[str, str] = ("", ""),
 
 
 def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
-        progress: bool, curve: tuple[str, str] = ("", "")) -> dict[str, Any]:
+        progress: bool, curve: tuple[str, str] = ("", ""),
+        load: Callable[[], BenchReport] | None = None, via: str = "") -> dict[str, Any]:
     """Raw limits (when asked) then the served run; one dict with everything.
 
     The raw model is the one the lane's engine announced (from the broker's stats), not
     whatever the local config names: see :func:`zembed.tools.raw.engine_config`. A model that
     cannot be loaded here stops the run with one line saying what to pass.
+
+    ``load`` runs the served part instead of a :class:`Bench` on ``endpoint`` (``zembed bench
+    --http`` passes an :class:`~zembed.tools.httpbench.HttpBench`'s ``run``; ``via`` names
+    its URL); the raw limits still come from ``endpoint``'s engines, so both modes are
+    measured against the same limits.
     """
     out: dict[str, Any] = {"spec": {k: v for k, v in vars(spec).items()}}
     if raw:
@@ -295,8 +302,11 @@ def run(endpoint: str, spec: BenchSpec, *, raw: bool, config_file: str | None,
             limits[kind].update(rawmod.model_forward(kind, batches, 3.0, config_file,
                                                      engines.get(KIND_LANE[kind])))
         out["raw"] = limits
-    out["served"] = Bench(endpoint, spec, progress, curve).run().summary()
+    report = load() if load is not None else Bench(endpoint, spec, progress, curve).run()
+    out["served"] = report.summary()
     out["curve"] = bool(curve[0])
+    if via:
+        out["via"] = via
     return out
 
 
@@ -308,7 +318,8 @@ def render(result: dict[str, Any]) -> str:
         f"kinds {','.join(spec['kinds'])}, {spec['items']} item(s)/request, "
         + (f"open loop {spec['rate']:.0f} req/s" if spec["rate"] else
            f"closed loop {spec['concurrency']}x{spec['window']} in flight")
-        + f", repeat {spec['repeat']:.0%}",
+        + f", repeat {spec['repeat']:.0%}"
+        + (f", through the gateway at {result['via']}" if result.get("via") else ""),
         f"sent {s['sent']}, ok {s['ok']} ({s['success_pct']}%), 429 {s['rejected_429']} "
         f"({s['rejected_pct']}%), errors {s['errors']} {s['errors_by_status'] or ''}",
         f"throughput: {s['requests_per_s']} requests/s, {s['items_per_s']} items/s",

@@ -420,13 +420,31 @@ def gateway(config_file: str | None, **flags: Any) -> None:
 @click.option("--repeat", default=0.0, show_default=True,
               help="Share of items repeated from a small pool (exercises the cache), 0..1.")
 @click.option("--raw", is_flag=True, help="Also measure this machine's raw limits, same run.")
+@click.option("--http", "http_url", default=None, metavar="URL",
+              help="Load the HTTP gateway at URL (http://HOST:PORT; path /v1/embeddings unless "
+                   "given) instead of the broker. Text kinds only; --raw still asks --endpoint's "
+                   "broker which model to measure.")
+@click.option("--model", default="text", show_default=True,
+              help="--http: the request's model (clip-text is sent to model image unless "
+                   "another is named).")
+@click.option("--encoding", type=click.Choice(["float", "base64"]), default="base64",
+              show_default=True, help="--http: encoding_format asked for.")
+@click.option("--api-key", default="", envvar="ZEMBED_API_KEY", metavar="KEY",
+              help="--http: sent as Authorization: Bearer KEY (env ZEMBED_API_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @config_file_option
 @config_options(cfgmod.ClientConfig)
 def bench(kind: str, items: int, concurrency: int, window: int, rate: float, duration_s: float,
-          requests: int, repeat: float, raw: bool, as_json: bool, config_file: str | None,
+          requests: int, repeat: float, raw: bool, http_url: str | None, model: str,
+          encoding: str, api_key: str, as_json: bool, config_file: str | None,
           **flags: Any) -> None:
-    """Load the broker and report throughput, latency, rejections and cache hits."""
+    """Load the broker and report throughput, latency, rejections and cache hits.
+
+    With --http URL the same load goes through the HTTP gateway (OpenAI /v1/embeddings, raw
+    HTTP/1.1 on one keep-alive connection per request in flight) and the same report comes
+    back: 429s counted as rejected (a closed loop waits retry-after-ms), other HTTP statuses
+    as errors, 0 for no answer within the timeout.
+    """
     from zembed.tools import bench as benchmod
 
     kinds = ("text", "image") if kind == "mix" else (kind,)
@@ -434,9 +452,22 @@ def bench(kind: str, items: int, concurrency: int, window: int, rate: float, dur
                               rate=rate, duration_s=duration_s, requests=requests,
                               repeat=repeat)
     ccfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
+    load = None
+    if http_url:
+        from zembed.tools.httpbench import HttpBench
+
+        if "image" in kinds:
+            raise click.UsageError(f"--kind {kind} cannot be sent with --http: images are not "
+                                   "measured over HTTP; use --kind text or clip-text")
+        try:
+            load = HttpBench(http_url, spec, not as_json, model=model, encoding=encoding,
+                             api_key=api_key).run
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
     result = benchmod.run(ccfg.endpoint, spec, raw=raw, config_file=config_file,
                           progress=not as_json,
-                          curve=(ccfg.curve_secret_key, ccfg.curve_server_key))
+                          curve=(ccfg.curve_secret_key, ccfg.curve_server_key),
+                          load=load, via=http_url or "")
     click.echo(json.dumps(result, indent=2) if as_json else benchmod.render(result))
 
 
