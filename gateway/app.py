@@ -40,10 +40,14 @@ Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 #: The broker's ``info`` is read again this often (lanes, models, credits).
 INFO_REFRESH_S = 2.0
+#: A starting worker waits this long for its broker connection before taking requests, s.
+CONNECT_WAIT_S = 3.0
 #: ``/health`` and ``/ready`` wait this long for the broker, s.
 PROBE_TIMEOUT_S = 2.0
 #: Environment variable that hands the configuration to uvicorn's worker processes.
 CONFIG_ENV = "ZEMBED_GATEWAY_CONFIG_JSON"
+#: ...and the folder where the workers share their metrics (gateway/metrics.py).
+METRICS_DIR_ENV = "ZEMBED_GATEWAY_METRICS_DIR"
 
 JSON = (b"content-type", b"application/json")
 TEXT = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -71,17 +75,29 @@ class Gateway:
         self.cfg = cfg
         self.models = Models(parse_aliases(cfg.model_aliases), cfg.default_lane)
         self.keys = ApiKeys(cfg.api_keys_file) if cfg.api_keys_file else None
-        self.metrics = Metrics()
+        self.metrics = Metrics(os.environ.get(METRICS_DIR_ENV))
         self.client: AsyncClient | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     # -- lifespan ------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Connect to the broker (ZeroMQ dials in the background) and start reading ``info``."""
+        """Connect to the broker and read its ``info`` before taking requests.
+
+        ZeroMQ dials in the background; a worker that took requests at once would answer its
+        first ones 503 (no connection yet) while the broker is fine. So startup waits up to
+        ``CONNECT_WAIT_S`` for the connection; a broker that is down then is no reason not to
+        start (requests get 503 until it is up).
+        """
         self.client = AsyncClient(self.cfg.broker, timeout=self.cfg.timeout_s, retries=0,
                                   curve_secret_key=self.cfg.curve_secret_key,
                                   curve_server_key=self.cfg.curve_server_key)
+        deadline = time.monotonic() + CONNECT_WAIT_S
+        while not self.client.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if not self.client.connected:
+            log.warning("no connection to the broker at %s yet: answering 503 until there is",
+                        self.cfg.broker)
         self._refresher = asyncio.ensure_future(self._refresh_info())
 
     async def shutdown(self) -> None:
@@ -94,9 +110,16 @@ class Gateway:
             self.client = None
 
     async def _refresh_info(self) -> None:
+        """Every ``INFO_REFRESH_S``: the broker's ``info``; every second: this worker's
+        metrics for the others."""
+        ticks = 0
         while True:
-            await self.read_info()
-            await asyncio.sleep(INFO_REFRESH_S)
+            if ticks % int(INFO_REFRESH_S) == 0:
+                await self.read_info()
+            self.metrics.connected = self.client is not None and self.client.connected
+            self.metrics.publish()
+            ticks += 1
+            await asyncio.sleep(1.0)
 
     async def read_info(self) -> bool:
         """Read the broker's ``info`` now; False when it did not answer."""
@@ -273,8 +296,8 @@ class Gateway:
         return (200 if state.get("ready") else 503), orjson.dumps(body), [JSON]
 
     async def _metrics(self, scope: Scope, receive: Receive) -> Answer:
-        connected = self.client is not None and self.client.connected
-        return 200, self.metrics.render(connected), [TEXT]
+        self.metrics.connected = self.client is not None and self.client.connected
+        return 200, self.metrics.render(), [TEXT]
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shutil
+import tempfile
 
 from zembed.config import GatewayConfig
-from zembed.gateway.app import CONFIG_ENV, config_to_env
+from zembed.gateway.app import CONFIG_ENV, METRICS_DIR_ENV, config_to_env
 from zembed.gateway.auth import read_keys
 from zembed.gateway.models import parse_aliases
 
@@ -70,11 +72,17 @@ def serve(cfg: GatewayConfig) -> None:
 
     host, port = check(cfg)
     os.environ[CONFIG_ENV] = config_to_env(cfg)
+    share = tempfile.mkdtemp(prefix="zembed-gateway-metrics-")
+    os.environ[METRICS_DIR_ENV] = share
     log.info("gateway on %s://%s:%d, %d worker(s), broker %s, keys %s", "https" if
              cfg.tls_certfile else "http", host, port, cfg.workers, cfg.broker,
              cfg.api_keys_file or "off")
-    uvicorn.run("zembed.gateway.app:create_app", factory=True, host=host, port=port,
-                workers=cfg.workers, loop="uvloop", http="httptools", lifespan="on",
-                access_log=cfg.access_log, log_level=cfg.log_level.lower(),
-                ssl_certfile=cfg.tls_certfile or None, ssl_keyfile=cfg.tls_keyfile or None,
-                server_header=False, proxy_headers=False)
+    try:
+        uvicorn.run("zembed.gateway.app:create_app", factory=True, host=host, port=port,
+                    workers=cfg.workers, loop="uvloop", http="httptools", lifespan="on",
+                    access_log=cfg.access_log, log_level=cfg.log_level.lower(),
+                    ssl_certfile=cfg.tls_certfile or None,
+                    ssl_keyfile=cfg.tls_keyfile or None, server_header=False,
+                    proxy_headers=False)
+    finally:
+        shutil.rmtree(share, ignore_errors=True)

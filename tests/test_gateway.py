@@ -324,7 +324,8 @@ def test_health_ready_and_metrics(gw: Gateway) -> None:
     assert hist and hist[0].value >= 1
     in_flight = families["zembed_gateway_in_flight"].samples[0].value
     assert in_flight == 1  # this very scrape
-    assert families["zembed_gateway_broker_connected"].samples[0].value == 1
+    assert families["zembed_gateway_broker_connections"].samples[0].value == 1
+    assert families["zembed_gateway_workers"].samples[0].value == 1
 
 
 # -- overload, broker gone, keys -------------------------------------------------------------
@@ -425,3 +426,26 @@ def test_public_address_without_keys_is_refused() -> None:
                           f"0.0.0.0:{free_port()}"], capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "--api-keys-file" in run.stderr and "--insecure-no-auth" in run.stderr
+
+
+def test_workers_each_serve_and_metrics_sum_them(lanes: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    gw = start_gateway(lanes, "--workers", "2")
+    try:
+        for i in range(12):  # a new connection each: the kernel spreads them over the workers
+            assert gw.post("/v1/embeddings", {"input": f"w{i}"})[0] == 200
+        deadline = time.monotonic() + 10
+        while True:
+            families = {f.name: f for f in text_string_to_metric_families(
+                gw.call("GET", "/metrics")[2].decode())}
+            ok = sum(s.value for s in families["zembed_gateway_requests"].samples
+                     if s.labels == {"route": "/v1/embeddings", "status": "200"})
+            workers = families["zembed_gateway_workers"].samples[0].value
+            if (ok, workers) == (12, 2):
+                break
+            assert time.monotonic() < deadline, f"metrics say {ok} requests, {workers} workers"
+            time.sleep(0.3)
+        assert families["zembed_gateway_broker_connections"].samples[0].value == 2
+    finally:
+        gw.stop()
