@@ -7,8 +7,10 @@ with a deadline; the stacks are stopped by the fixtures whatever happens.
 from __future__ import annotations
 
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -94,6 +96,78 @@ def test_no_answer_within_the_timeout_is_status_0() -> None:
             s = HttpBench(url, spec, progress=False).run().summary()
             assert time.monotonic() - started < 0.5 + 0.3 + 1.0
             assert s["sent"] == s["no_answer"] == s["errors"] > 0 and s["ok"] == 0
+
+
+class FakeGateway(socketserver.ThreadingTCPServer):
+    """Answers every request with ``answer`` and, when ``close_after``, closes the connection
+    right after it without saying so (as a server whose keep-alive ran out would)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, answer: bytes, close_after: bool) -> None:
+        self.answer, self.close_after = answer, close_after
+        self.requests = 0
+        super().__init__(("127.0.0.1", 0), FakeHandler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class FakeHandler(socketserver.StreamRequestHandler):
+    server: FakeGateway
+
+    def handle(self) -> None:
+        self.connection.settimeout(5)
+        while True:
+            length = 0
+            line = self.rfile.readline()
+            if not line:
+                return
+            while line not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+                line = self.rfile.readline()
+            self.rfile.read(length)
+            self.server.requests += 1
+            self.wfile.write(self.server.answer)
+            if self.server.close_after:
+                return
+
+
+def test_429_backs_off_by_retry_after_ms() -> None:
+    body = b'{"error":{}}'
+    server = FakeGateway(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\n"
+                         b"retry-after-ms: 200\r\ncontent-length: %d\r\n\r\n%s"
+                         % (len(body), body), close_after=False)
+    try:
+        spec = BenchSpec(concurrency=1, duration_s=1.0, timeout_s=2.0)
+        s = HttpBench(server.url, spec, progress=False).run().summary()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 4 <= s["rejected_429"] == s["sent"] <= 6  # one request per 200 ms, not thousands
+    assert s["time_to_429_ms"]["p50"] > 0 and s["errors"] == 0
+
+
+def test_a_kept_alive_connection_closed_by_the_server_is_not_an_error() -> None:
+    """The server closes each connection after its answer, unannounced: the request that
+    went out on it is sent again on a new connection, never counted as no answer."""
+    body = b"x" * 3000
+    server = FakeGateway(b"HTTP/1.1 200 OK\r\nx-zembed-cached: 2\r\ncontent-length: %d"
+                         b"\r\n\r\n%s" % (len(body), body), close_after=True)
+    try:
+        spec = BenchSpec(items=2, concurrency=2, duration_s=0.5, timeout_s=2.0)
+        s = HttpBench(server.url, spec, progress=False).run().summary()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert s["ok"] == s["sent"] > 5 and s["errors"] == 0, s
+    assert s["items_per_s"] == pytest.approx(2 * s["requests_per_s"], rel=0.01)
+    assert s["cache_hit_ratio"] == 1.0
 
 
 def test_images_and_other_urls_are_refused() -> None:

@@ -97,6 +97,9 @@ class _Conn(asyncio.Protocol):
         self.items = 0
         self.busy = False
         self.dead = False
+        self.answered = 0  # answers read on this connection
+        self.got_bytes = False  # any byte of the current answer
+        self.request = b""  # the current request, kept to send again (see HttpBench._lost)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -105,11 +108,13 @@ class _Conn(asyncio.Protocol):
     def send(self, data: bytes, sent_at: float, items: int) -> None:
         assert self.transport is not None
         self.sent_at, self.items, self.busy = sent_at, items, True
+        self.request, self.got_bytes = data, False
         self.buf.clear()
         self.in_body, self.skip = False, 0
         self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
         if not self.busy:  # bytes nobody asked for: the connection is out of step
             self.abort()
             return
@@ -172,6 +177,7 @@ class _Conn(asyncio.Protocol):
 
     def _complete(self) -> None:
         self.busy = self.in_body = False
+        self.answered += 1
         self.bench._answered(self)
 
     def abort(self) -> None:
@@ -418,11 +424,20 @@ class HttpBench:
             self._maybe_finish()
 
     def _lost(self, conn: _Conn) -> None:
-        """The connection closed before its answer was complete: no answer."""
+        """The connection closed before its answer was complete: no answer.
+
+        Except on a kept-alive connection that the server closed as it idled (uvicorn after
+        5 s) just as the request went out: nothing of an answer came, so the request is sent
+        again on a new connection (as HTTP clients do), its clock still running.
+        """
         self._conns.discard(conn)
         if conn not in self._busy:
             return  # already counted (timed out and aborted)
         del self._busy[conn]
+        if conn.answered and not conn.got_bytes:
+            self._connecting += 1
+            self._spawn(self._connect_and_send(conn.request, conn.sent_at, conn.items))
+            return
         self.report.statuses[NO_ANSWER] += 1
         self._retry_later()
 
