@@ -231,3 +231,33 @@ def test_a_truncated_run_is_as_wide_as_its_dimensions_not_the_lane_dim() -> None
 def test_bad_dimensions_fail_the_run_before_anything_is_sent(bad: Any) -> None:
     with pytest.raises(BadRequest, match="dimensions must be a positive int"):
         BulkPlan(["a"], "text", Sizing(1, 1 << 20, 100, 1, DIM), dimensions=bad)
+
+
+def test_refuse_unadmitted_raises_a_429_only_while_nothing_is_in() -> None:
+    """The gateway's split requests: a full lane refuses the whole run at once; once any part
+    is admitted (answered, or still in flight), later 429s are waited out as usual."""
+    texts = [f"t{i}" for i in range(100)]
+    plan = BulkPlan(texts, "text", Sizing.from_info(info(), "text"), refuse_unadmitted=True)
+    first, second = plan.take(0.0)
+    plan.failed(first, Overloaded("busy", retry_after=0.2), 0.0)  # the second is in flight
+    with pytest.raises(Overloaded):
+        plan.failed(second, Overloaded("busy", retry_after=0.2), 0.0)  # nothing got in
+
+    plan = BulkPlan(texts, "text", Sizing.from_info(info(), "text"), refuse_unadmitted=True)
+    first, second = plan.take(0.0)
+    plan.succeeded(first, answer(first))
+    plan.failed(second, Overloaded("busy", retry_after=0.2), 0.0)  # admitted: waits
+    assert plan.take(0.1) != [] and not plan.done  # the third goes; the refused one waits
+    # Without the option a 429 is never raised, admitted or not.
+    plan = BulkPlan(texts, "text", Sizing.from_info(info(), "text"))
+    first, second = plan.take(0.0)
+    plan.failed(first, Overloaded("busy", retry_after=0.2), 0.0)
+    plan.failed(second, Overloaded("busy", retry_after=0.2), 0.0)
+
+
+def test_sizing_reads_the_lane_it_is_given() -> None:
+    lanes = info()
+    lanes["lanes"]["e5"] = dict(lanes["lanes"]["text"], max_request_items=8, max_batch=8,
+                                credits_total=8)
+    assert Sizing.from_info(lanes, "text", lane_name="e5").items == 4
+    assert Sizing.from_info(lanes, "text").items == 32

@@ -23,15 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 import pytest
 from conftest import Proc, Stack, both_lanes, new_stack, spawn
 from images import data_uri, png
 
 from zembed.client import Client
 from zembed.tools.net import free_port
-
-pytest.importorskip("uvicorn", reason="the gateway needs the [gateway] extra")
-openai = pytest.importorskip("openai")
 
 HTTP_TIMEOUT_S = 30.0
 
@@ -228,7 +226,8 @@ def test_input_type_selects_the_prompt(gw: Gateway, sdk: Client) -> None:
 
 def test_huggingface_hub_feature_extraction(gw: Gateway, sdk: Client,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub as hub
+
     # HF_HUB_OFFLINE=1 (set for the whole suite: no model hub at run time) also blocks
     # InferenceClient's calls to the gateway on 127.0.0.1; lift it for this client only.
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
