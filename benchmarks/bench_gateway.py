@@ -1,0 +1,236 @@
+"""What the HTTP gateway costs (issue 14): the same load via ZeroMQ and via HTTP, in one run.
+
+Starts its own stack on free loopback ports: a broker (text lane, ``--cache off``), one text
+engine with default settings, and ``zembed gateway`` in front of the broker. Each case is
+driven twice, by ``zembed bench``'s ZeroMQ load generator (:class:`Bench`, straight to the
+broker) and by its HTTP one (:class:`HttpBench`, through the gateway), with the same inputs,
+and the gateway's figure is given as a ratio of the ZeroMQ one:
+
+(a) 1 item per request, 64 in flight (closed loop);
+(b) 32 items per request, 8 in flight (closed loop);
+(d) 2x overload: an open loop at twice (a)'s closed-loop capacity of the same path; time to
+    429 (client-measured) and goodput (ok items/s) over that capacity;
+(c) all-hit cache: the broker is restarted on the same ports with ``--cache memory`` (the
+    engine and the gateway reconnect by themselves), the repeat pool is warmed, then 1-item
+    requests, all repeats, 64 in flight.
+
+(d) runs before (c) so that both closed-loop cases and the overload see the cache-off broker.
+Every load loop is bounded by ``--seconds`` and every process is stopped at the end. Usage::
+
+    .venv/bin/python benchmarks/bench_gateway.py [--seconds 8]      # ~2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from zembed.client import Client
+from zembed.errors import ZembedError
+from zembed.tools.bench import Bench, BenchSpec
+from zembed.tools.httpbench import HttpBench
+from zembed.tools.net import free_port
+
+READY_S = 180.0
+
+
+def machine() -> str:
+    """``lscpu``'s model name and the cores this process may use."""
+    name = "unknown CPU"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                     if ln.startswith("Model name:")), name)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+
+
+class Stack:
+    """Broker, text engine and gateway as child processes; logs in a temporary folder."""
+
+    def __init__(self) -> None:
+        self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.logs = Path(tempfile.mkdtemp(prefix="bench_gateway."))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, *args: str) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "zembed", *args],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def start_broker(self, cache: str) -> None:
+        self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
+                   "--stats-endpoint", self.st, "--lanes", "text", "--cache", cache)
+
+    def start(self) -> None:
+        self.start_broker("off")
+        self.spawn("text", "start", "text", "--broker", self.be)
+        self.spawn("gateway", "gateway", "--broker", self.fe, "--listen",
+                   f"127.0.0.1:{self.http_port}")
+
+    def stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def close(self) -> None:
+        for name in ("gateway", "text", "broker"):
+            self.stop(name)
+
+    def wait_ready(self) -> float:
+        """Seconds until the broker says ready (lane has an engine) and the gateway's /ready
+        answers 200; fails when a child exits or after ``READY_S``."""
+        t0 = time.monotonic()
+        deadline = t0 + READY_S
+        with Client(self.fe, timeout=1.0, retries=0) as client:
+            while True:
+                for name, proc in self.procs.items():
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {proc.returncode}; log: "
+                                           f"{self.logs / (name + '.log')}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"stack not ready within {READY_S:.0f} s; logs: "
+                                       f"{self.logs}")
+                try:
+                    ready = bool(client.ready(timeout=1.0).get("ready"))
+                except ZembedError:
+                    ready = False
+                if ready and http_status(self.url + "/ready") == 200:
+                    return time.monotonic() - t0
+                time.sleep(0.2)
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def measured(bench: Bench | HttpBench) -> dict[str, Any]:
+    """A run's summary plus the load generator's own CPU share (cores busy in this process),
+    which says whether it measured the stack or itself."""
+    cpu = time.process_time()
+    out: dict[str, Any] = bench.run().summary()
+    out["client_cpu"] = (time.process_time() - cpu) / max(out["elapsed_s"], 1e-9)
+    return out
+
+
+def both(stack: Stack, spec: BenchSpec) -> dict[str, dict[str, Any]]:
+    """The same spec via ZeroMQ (to the broker), then via HTTP (through the gateway)."""
+    return {"zmq": measured(Bench(stack.fe, spec, progress=False)),
+            "http": measured(HttpBench(stack.url, spec, progress=False))}
+
+
+def row(case: str, path: str, s: dict[str, Any], per_item: bool, ratio: float | None) -> str:
+    rate = s["items_per_s"] if per_item else s["requests_per_s"]
+    lat = s["latency_ms"]
+    extra = f" errors {s['errors_by_status']}" if s["errors"] else ""
+    return (f"| {case} | {path} | {rate:,.0f} {'items' if per_item else 'req'}/s | "
+            f"{lat['p50']:.1f} | {lat['p99']:.1f} | {s['rejected_pct'] or 0:.1f} | "
+            f"{s['client_cpu']:.2f} | {'' if ratio is None else f'{ratio:.2f}'} |{extra}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="Length of each measured run.")
+    args = ap.parse_args()
+    secs = args.seconds
+    stack = Stack()
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        stack.start()
+        print(f"machine: {machine()}; client, gateway, broker and engine share the cores")
+        print(f"stack ready in {stack.wait_ready():.1f} s; {secs:g} s per run", flush=True)
+        both(stack, BenchSpec(items=1, concurrency=16, duration_s=min(2.0, secs)))  # warm-up
+
+        results["a"] = both(stack, BenchSpec(items=1, concurrency=64, duration_s=secs))
+        results["b"] = both(stack, BenchSpec(items=32, concurrency=8, duration_s=secs))
+        # (d): twice each path's own closed-loop capacity at 1 item, open loop.
+        results["d"] = {}
+        makers: tuple[tuple[str, Callable[[BenchSpec], Bench | HttpBench]], ...] = (
+            ("zmq", lambda sp: Bench(stack.fe, sp, progress=False)),
+            ("http", lambda sp: HttpBench(stack.url, sp, progress=False)))
+        for path, make in makers:
+            capacity = results["a"][path]["requests_per_s"]
+            spec = BenchSpec(items=1, rate=2 * capacity, duration_s=secs,
+                             requests=int(2 * capacity * secs) + 1)
+            out = measured(make(spec))
+            out["capacity_per_s"] = capacity
+            results["d"][path] = out
+
+        # (c): the same broker ports, now with a memory cache; engine and gateway reconnect.
+        stack.stop("broker")
+        stack.start_broker("memory")
+        print(f"broker restarted with --cache memory, ready in {stack.wait_ready():.1f} s",
+              flush=True)
+        warm = BenchSpec(items=1, concurrency=8, repeat=1.0, duration_s=min(3.0, secs))
+        both(stack, warm)  # computes and caches the repeat pool (the same in every run)
+        results["c"] = both(stack, BenchSpec(items=1, concurrency=64, repeat=1.0,
+                                             duration_s=secs))
+    except BaseException:
+        print(f"failed; logs in {stack.logs}", file=sys.stderr)
+        raise
+    finally:
+        stack.close()
+    report(results)
+
+
+def report(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    cases = {"a": ("(a) 1 item x 64 in flight", True),
+             "b": ("(b) 32 items x 8 in flight", True),
+             "c": ("(c) all-hit cache, 1 item x 64", False)}
+    print("\n| case | path | throughput | p50 ms | p99 ms | 429 % | client CPU | "
+          "gateway / ZeroMQ |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, (name, per_item) in cases.items():
+        zmq, http = results[key]["zmq"], results[key]["http"]
+        field = "items_per_s" if per_item else "requests_per_s"
+        print(row(name, "ZeroMQ", zmq, per_item, None))
+        print(row(name, "gateway", http, per_item, http[field] / max(zmq[field], 1e-9)))
+    for key in ("c",):
+        print(f"\n(c) cache hit ratio: ZeroMQ {results[key]['zmq']['cache_hit_ratio']}, "
+              f"gateway {results[key]['http']['cache_hit_ratio']}")
+    print("\n(d) 2x overload, open loop at twice the path's own closed-loop capacity (a), "
+          "1 item:")
+    print("| path | capacity req/s | offered req/s | goodput items/s | goodput / capacity | "
+          "429 % | time to 429 p50 / p99 ms | accepted p50 / p99 ms | client CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path, name in (("zmq", "ZeroMQ"), ("http", "gateway")):
+        s = results["d"][path]
+        cap = s["capacity_per_s"]
+        t429, lat = s["time_to_429_ms"], s["latency_ms"]
+        extra = f" errors {s['errors_by_status']}" if s["errors"] else ""
+        print(f"| {name} | {cap:,.0f} | {2 * cap:,.0f} | {s['items_per_s']:,.0f} | "
+              f"{s['items_per_s'] / max(cap, 1e-9):.2f} | {s['rejected_pct'] or 0:.1f} | "
+              f"{t429['p50']:.2f} / {t429['p99']:.2f} | {lat['p50']:.1f} / {lat['p99']:.1f} | "
+              f"{s['client_cpu']:.2f} |{extra}")
+
+
+if __name__ == "__main__":
+    main()
