@@ -32,12 +32,17 @@ def config_file(tmp_path: Path) -> Path:
 
 
 def test_up_demo_runs_and_exits(config_file: Path) -> None:
-    out = subprocess.run([*ZEMBED, "up", "--demo", "--config", str(config_file)],
+    port = free_port()
+    with config_file.open("a") as fh:
+        fh.write(f'[gateway]\nlisten = "127.0.0.1:{port}"\n')
+    out = subprocess.run([*ZEMBED, "up", "--demo", "--gateway", "--config", str(config_file)],
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "zembed is ready in" in out.stdout
     assert "shape (5, 384)" in out.stdout
     assert "nearest to #0: #1" in out.stdout  # the two password sentences find each other
+    assert (f"http: POST http://127.0.0.1:{port}/v1/embeddings (OpenAI API) answered 5 vectors "
+            "of 384; identical to the SDK's") in out.stdout
 
 
 def test_up_stops_everything_on_ctrl_c(config_file: Path) -> None:

@@ -117,11 +117,14 @@ def keygen(name: str, directory: str) -> None:
 @config_file_option
 @click.option("--demo", is_flag=True, help="Once ready, embed a few sentences, print, and exit.")
 @click.option("--ready-timeout", default=180.0, show_default=True, help="Seconds to wait for ready.")
-def up(config_file: str | None, demo: bool, ready_timeout: float) -> None:
+@click.option("--gateway", "with_gateway", is_flag=True,
+              help="Also run the HTTP gateway (its [gateway] settings; needs zembed[gateway]).")
+def up(config_file: str | None, demo: bool, ready_timeout: float, with_gateway: bool) -> None:
     """Broker and engines in one supervised command; Ctrl-C stops everything cleanly."""
     from zembed.supervisor import run_up
 
-    sys.exit(run_up(config_file, demo=demo, ready_timeout_s=ready_timeout))
+    sys.exit(run_up(config_file, demo=demo, ready_timeout_s=ready_timeout,
+                    gateway=with_gateway))
 
 
 # -- client commands -----------------------------------------------------------------------

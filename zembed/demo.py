@@ -21,12 +21,15 @@ SENTENCES = [
 CLIP_QUERIES = ["a photo of a red shoe", "a photo of a blue sky"]
 
 
-def run(endpoint: str) -> None:
-    """Embed demo inputs on every lane the broker serves and print what came back."""
+def run(endpoint: str, gateway_url: str = "") -> None:
+    """Embed demo inputs on every lane the broker serves and print what came back (and the
+    same sentences through the HTTP gateway, when it runs)."""
     with Client(endpoint, timeout=60.0, retries=3) as client:
         lanes = client.stats()["lanes"]
         if p.LANE_TEXT in lanes:
             show_text(client)
+            if gateway_url:
+                show_http(client, gateway_url)
         if p.LANE_IMAGE in lanes:
             show_image(client, lanes[p.LANE_IMAGE])
         for name, lane in client.stats()["lanes"].items():
@@ -51,6 +54,33 @@ def show_text(client: Client) -> None:
         click.echo("  " + " ".join(f"{s:5.2f}" for s in row))
     for i, row in enumerate(sims):
         click.echo(f"  nearest to #{i}: #{int(np.argsort(-row)[1])}")
+
+
+def show_http(client: Client, url: str, wait_s: float = 30.0) -> None:
+    """The sentences through the gateway's OpenAI route, compared with the SDK's vectors."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": p.LANE_TEXT, "input": SENTENCES}).encode()
+    deadline = time.monotonic() + wait_s
+    while True:  # the gateway may still be starting
+        try:
+            request = urllib.request.Request(f"{url}/v1/embeddings", data=body,
+                                             headers={"content-type": "application/json"})
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                answer = json.loads(resp.read())
+            break
+        except (urllib.error.URLError, ConnectionError) as exc:
+            if time.monotonic() > deadline:
+                click.echo(f"http: the gateway at {url} did not answer: {exc}")
+                return
+            time.sleep(0.2)
+    vectors = np.array([d["embedding"] for d in answer["data"]], dtype=np.float32)
+    same = np.array_equal(vectors, client.embed_texts(SENTENCES))
+    click.echo(f"http: POST {url}/v1/embeddings (OpenAI API) answered {len(vectors)} vectors "
+               f"of {vectors.shape[1]}; {'identical to' if same else 'DIFFERENT from'} the "
+               "SDK's")
 
 
 def show_image(client: Client, lane: dict[str, Any]) -> None:

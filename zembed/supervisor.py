@@ -135,13 +135,27 @@ def child_argv(process: str, config_file: str | None) -> list[str]:
     return argv + (["--config", config_file] if config_file else [])
 
 
-def run_up(config_file: str | None, *, demo: bool, ready_timeout_s: float) -> int:
-    """``zembed up``: broker plus one engine per configured lane; returns the exit code."""
+def gateway_argv(config_file: str | None, broker: str) -> list[str]:
+    """Command line of the ``zembed gateway`` child: the config's [gateway], this broker."""
+    argv = [sys.executable, "-m", "zembed", "gateway", "--broker", broker]
+    return argv + (["--config", config_file] if config_file else [])
+
+
+def run_up(config_file: str | None, *, demo: bool, ready_timeout_s: float,
+           gateway: bool = False) -> int:
+    """``zembed up``: broker plus one engine per configured lane (and the HTTP gateway when
+    asked); returns the exit code."""
     logs.setup("info", "up")
     broker_cfg = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file)
     client_cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file)
     children = [Child("broker", child_argv("broker", config_file))]
     children += [Child(lane, child_argv(lane, config_file)) for lane in broker_cfg.lanes]
+    gateway_url = ""
+    if gateway:
+        gateway_cfg = cfgmod.load(cfgmod.GatewayConfig, config_file=config_file)
+        children.append(Child("gateway", gateway_argv(config_file, client_cfg.endpoint)))
+        scheme = "https" if gateway_cfg.tls_certfile else "http"
+        gateway_url = f"{scheme}://{gateway_cfg.listen}"
     sup = Supervisor(children, client_cfg.endpoint)
     signal.signal(signal.SIGINT, sup.request_stop)
     signal.signal(signal.SIGTERM, sup.request_stop)
@@ -151,11 +165,12 @@ def run_up(config_file: str | None, *, demo: bool, ready_timeout_s: float) -> in
         if seconds is None:  # Ctrl-C before ready: a normal, clean stop
             return 0
         click.echo(f"zembed is ready in {seconds:.2f}s (frontend {client_cfg.endpoint}, "
-                   f"lanes {','.join(broker_cfg.lanes)})")
+                   f"lanes {','.join(broker_cfg.lanes)}"
+                   + (f", HTTP gateway {gateway_url}" if gateway_url else "") + ")")
         if demo:
             from zembed import demo as demo_mod
 
-            demo_mod.run(client_cfg.endpoint)
+            demo_mod.run(client_cfg.endpoint, gateway_url)
         else:
             sup.watch()
         return 0
