@@ -15,9 +15,16 @@ and the gateway's figure is given as a ratio of the ZeroMQ one:
     requests, all repeats, 64 in flight.
 
 (d) runs before (c) so that both closed-loop cases and the overload see the cache-off broker.
-Every load loop is bounded by ``--seconds`` and every process is stopped at the end. Usage::
+Every load loop is bounded by ``--seconds`` and every process is stopped at the end.
 
-    .venv/bin/python benchmarks/bench_gateway.py [--seconds 8]      # ~2 min on 2 cores
+On a 2-core machine the load generator, the gateway, the broker and the engine all compete for
+the same cores, so what the gateway spends shows up as engine time lost. ``--pin`` gives the
+engine a core of its own (the last one) and puts everything else on the others, as a
+deployment with the gateway on its own cores or host would: then the figures show the
+gateway's own cost rather than its competition with the model. Each case also reports the
+gateway process's CPU (cores busy, and microseconds per request). Usage::
+
+    .venv/bin/python benchmarks/bench_gateway.py [--seconds 8] [--pin]    # ~2 min on 2 cores
 """
 
 from __future__ import annotations
@@ -58,21 +65,45 @@ def machine() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} cores"
 
 
-class Stack:
-    """Broker, text engine and gateway as child processes; logs in a temporary folder."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self) -> None:
+
+class Stack:
+    """Broker, text engine and gateway as child processes; logs in a temporary folder.
+
+    ``pin``: the engine on the last core, everything else (this process too) on the others.
+    """
+
+    def __init__(self, pin: bool = False) -> None:
         self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.logs = Path(tempfile.mkdtemp(prefix="bench_gateway."))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        cpus = sorted(os.sched_getaffinity(0))
+        self.engine_cpus: set[int] | None = None
+        self.other_cpus: set[int] | None = None
+        if pin and len(cpus) >= 2:
+            self.engine_cpus, self.other_cpus = {cpus[-1]}, set(cpus[:-1])
+            os.sched_setaffinity(0, self.other_cpus)
 
     def spawn(self, name: str, *args: str) -> None:
         log = (self.logs / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "zembed", *args],
-                                            stdout=log, stderr=subprocess.STDOUT)
+        cpus = self.engine_cpus if name == "text" else self.other_cpus
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "zembed", *args], stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
         log.close()
+
+    def gateway_cpu(self) -> float:
+        proc = self.procs.get("gateway")
+        return 0.0 if proc is None else cpu_seconds(proc.pid)
 
     def start_broker(self, cache: str) -> None:
         self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
@@ -132,40 +163,52 @@ def http_status(url: str) -> int:
         return 0
 
 
-def measured(bench: Bench | HttpBench) -> dict[str, Any]:
+def measured(bench: Bench | HttpBench, stack: Stack) -> dict[str, Any]:
     """A run's summary plus the load generator's own CPU share (cores busy in this process),
-    which says whether it measured the stack or itself."""
-    cpu = time.process_time()
+    which says whether it measured the stack or itself, and the gateway's."""
+    cpu, gateway = time.process_time(), stack.gateway_cpu()
     out: dict[str, Any] = bench.run().summary()
-    out["client_cpu"] = (time.process_time() - cpu) / max(out["elapsed_s"], 1e-9)
+    elapsed = max(out["elapsed_s"], 1e-9)
+    out["client_cpu"] = (time.process_time() - cpu) / elapsed
+    out["gateway_cpu"] = (stack.gateway_cpu() - gateway) / elapsed
+    out["gateway_us_per_request"] = ((stack.gateway_cpu() - gateway) * 1e6
+                                     / max(out["answered"], 1))
     return out
 
 
 def both(stack: Stack, spec: BenchSpec) -> dict[str, dict[str, Any]]:
     """The same spec via ZeroMQ (to the broker), then via HTTP (through the gateway)."""
-    return {"zmq": measured(Bench(stack.fe, spec, progress=False)),
-            "http": measured(HttpBench(stack.url, spec, progress=False))}
+    return {"zmq": measured(Bench(stack.fe, spec, progress=False), stack),
+            "http": measured(HttpBench(stack.url, spec, progress=False), stack)}
 
 
 def row(case: str, path: str, s: dict[str, Any], per_item: bool, ratio: float | None) -> str:
     rate = s["items_per_s"] if per_item else s["requests_per_s"]
     lat = s["latency_ms"]
     extra = f" errors {s['errors_by_status']}" if s["errors"] else ""
+    gateway = (f"{s['gateway_cpu']:.2f} ({s['gateway_us_per_request']:.0f})"
+               if path == "gateway" else "")
     return (f"| {case} | {path} | {rate:,.0f} {'items' if per_item else 'req'}/s | "
             f"{lat['p50']:.1f} | {lat['p99']:.1f} | {s['rejected_pct'] or 0:.1f} | "
-            f"{s['client_cpu']:.2f} | {'' if ratio is None else f'{ratio:.2f}'} |{extra}")
+            f"{s['client_cpu']:.2f} | {gateway} | {'' if ratio is None else f'{ratio:.2f}'} |"
+            f"{extra}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="Length of each measured run.")
+    ap.add_argument("--pin", action="store_true",
+                    help="Engine on a core of its own, the rest on the others.")
     args = ap.parse_args()
     secs = args.seconds
-    stack = Stack()
+    stack = Stack(pin=args.pin)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         stack.start()
-        print(f"machine: {machine()}; client, gateway, broker and engine share the cores")
+        where = (f"engine pinned to core {sorted(stack.engine_cpus)}, the rest to "
+                 f"{sorted(stack.other_cpus or ())}" if stack.engine_cpus else
+                 "client, gateway, broker and engine share the cores")
+        print(f"machine: {machine()}; {where}")
         print(f"stack ready in {stack.wait_ready():.1f} s; {secs:g} s per run", flush=True)
         both(stack, BenchSpec(items=1, concurrency=16, duration_s=min(2.0, secs)))  # warm-up
 
@@ -180,7 +223,7 @@ def main() -> None:
             capacity = results["a"][path]["requests_per_s"]
             spec = BenchSpec(items=1, rate=2 * capacity, duration_s=secs,
                              requests=int(2 * capacity * secs) + 1)
-            out = measured(make(spec))
+            out = measured(make(spec), stack)
             out["capacity_per_s"] = capacity
             results["d"][path] = out
 
@@ -206,8 +249,8 @@ def report(results: dict[str, dict[str, dict[str, Any]]]) -> None:
              "b": ("(b) 32 items x 8 in flight", True),
              "c": ("(c) all-hit cache, 1 item x 64", False)}
     print("\n| case | path | throughput | p50 ms | p99 ms | 429 % | client CPU | "
-          "gateway / ZeroMQ |")
-    print("|---|---|---|---|---|---|---|---|")
+          "gateway CPU (us/request) | gateway / ZeroMQ |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for key, (name, per_item) in cases.items():
         zmq, http = results[key]["zmq"], results[key]["http"]
         field = "items_per_s" if per_item else "requests_per_s"
@@ -219,8 +262,9 @@ def report(results: dict[str, dict[str, dict[str, Any]]]) -> None:
     print("\n(d) 2x overload, open loop at twice the path's own closed-loop capacity (a), "
           "1 item:")
     print("| path | capacity req/s | offered req/s | goodput items/s | goodput / capacity | "
-          "429 % | time to 429 p50 / p99 ms | accepted p50 / p99 ms | client CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "429 % | time to 429 p50 / p99 ms | accepted p50 / p99 ms | client CPU | "
+          "gateway CPU (us/request) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path, name in (("zmq", "ZeroMQ"), ("http", "gateway")):
         s = results["d"][path]
         cap = s["capacity_per_s"]
@@ -229,7 +273,9 @@ def report(results: dict[str, dict[str, dict[str, Any]]]) -> None:
         print(f"| {name} | {cap:,.0f} | {2 * cap:,.0f} | {s['items_per_s']:,.0f} | "
               f"{s['items_per_s'] / max(cap, 1e-9):.2f} | {s['rejected_pct'] or 0:.1f} | "
               f"{t429['p50']:.2f} / {t429['p99']:.2f} | {lat['p50']:.1f} / {lat['p99']:.1f} | "
-              f"{s['client_cpu']:.2f} |{extra}")
+              f"{s['client_cpu']:.2f} | "
+              + (f"{s['gateway_cpu']:.2f} ({s['gateway_us_per_request']:.0f})"
+                 if path == "http" else "") + f" |{extra}")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def text_inputs(value: Any, field: str, max_inputs: int) -> list[str]:
     if all(isinstance(x, int) for x in value) or all(
             isinstance(x, list) and all(isinstance(t, int) for t in x) for x in value):
         raise bad_request(f"'{field}' holds token ids: send text; zembed tokenises with the "
-                          "model's own tokenizer", param=field, code="token_ids_not_supported")
+                          "model's own tokenizer (LangChain: OpenAIEmbeddings("
+                          "check_embedding_ctx_length=False))", param=field,
+                          code="token_ids_not_supported")
     for index, item in enumerate(value):
         if not isinstance(item, str):
             raise bad_request(f"{field}[{index}] must be a string, got {type(item).__name__}",
