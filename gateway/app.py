@@ -68,6 +68,10 @@ ROUTES: dict[str, tuple[str, str, str, bool]] = {
 }
 
 
+#: ``GET /v1/models/{id}`` (the openai SDKs' ``models.retrieve``).
+MODEL_PREFIXES = ("/v1/models/", "/models/")
+
+
 class Gateway:
     """One worker's app: ``await gateway(scope, receive, send)``."""
 
@@ -143,6 +147,8 @@ class Gateway:
         started = time.perf_counter()
         path = scope["path"]
         route = ROUTES.get(path)
+        if route is None and path.startswith(MODEL_PREFIXES):
+            route = ("GET", "_model", "openai", True)  # GET /v1/models/{id}
         dialect = route[2] if route else "openai"
         self.metrics.in_flight += 1
         inputs = 0
@@ -172,7 +178,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": status,
                     "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-        self.metrics.observe(path if route else "other", status,
+        self.metrics.observe(_route_label(path, route is not None), status,
                              time.perf_counter() - started, inputs)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -265,6 +271,14 @@ class Gateway:
                             "broker_unreachable", None, 1.0)
         return 200, openai_api.render_models(self.models.served()), [JSON]
 
+    async def _model(self, scope: Scope, receive: Receive) -> Answer:
+        """One model by name (404 when no lane answers to it)."""
+        name = scope["path"].split("/models/", 1)[1]
+        if not self.models.known and not await self.read_info():
+            raise HttpError(503, f"the broker at {self.cfg.broker} is not reachable",
+                            "broker_unreachable", None, 1.0)
+        return 200, openai_api.render_model(name, self.models.lane_of(name)), [JSON]
+
     async def _health(self, scope: Scope, receive: Receive) -> Answer:
         """200 when this worker and its broker connection answer; 503 with the reason."""
         assert self.client is not None
@@ -298,6 +312,13 @@ class Gateway:
     async def _metrics(self, scope: Scope, receive: Receive) -> Answer:
         self.metrics.connected = self.client is not None and self.client.connected
         return 200, self.metrics.render(), [TEXT]
+
+
+def _route_label(path: str, known: bool) -> str:
+    """The ``route`` label of a request's metrics: a bounded set, whatever the paths sent."""
+    if not known:
+        return "other"
+    return "/v1/models/{id}" if path.startswith(MODEL_PREFIXES) else path
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -88,6 +88,21 @@ class Models:
         out += [(alias, lane) for alias, lane in self.aliases.items() if lane in self.lanes]
         return out
 
+    def lane_of(self, model: str) -> str:
+        """The lane that answers to ``model``: 404 when none does, 503 while a lane without
+        an engine might (its model name is not known yet)."""
+        found = self._names.get(model.lower())
+        if found is None or found not in self.lanes:
+            waiting = sorted(lane for lane in self.lanes if lane not in self._announced)
+            if waiting:
+                raise HttpError(503, f"model {model!r} is not known yet: lane(s) "
+                                f"{', '.join(waiting)} have no engine to say which models "
+                                "they serve", "unavailable", "model", 1.0)
+            raise HttpError(404, f"model {model!r} is not served here; served: "
+                            f"{', '.join(sorted({m for m, _ in self.served()}))}",
+                            "model_not_found", "model")
+        return found
+
     def resolve(self, model: str | None, modality: str) -> Target:
         """The lane and kind for ``model`` (None: the default lane) and ``modality``."""
         if model is None:
@@ -95,17 +110,7 @@ class Models:
                 iter(self.lanes), self.default_lane)
             shown = self._announced.get(lane, lane)
         else:
-            found = self._names.get(model.lower())
-            if found is None or found not in self.lanes:
-                waiting = sorted(lane for lane in self.lanes if lane not in self._announced)
-                if waiting:
-                    raise HttpError(503, f"model {model!r} is not known yet: lane(s) "
-                                    f"{', '.join(waiting)} have no engine to say which models "
-                                    "they serve", "unavailable", "model", 1.0)
-                raise HttpError(404, f"model {model!r} is not served here; served: "
-                                f"{', '.join(sorted({m for m, _ in self.served()}))}",
-                                "model_not_found", "model")
-            lane, shown = found, model
+            lane, shown = self.lane_of(model), model
         entry = self.lanes.get(lane, {})
         kinds = [str(k) for k in entry.get("kinds") or p.LANE_KINDS.get(lane) or ()]
         if modality == "image":

@@ -128,8 +128,17 @@ def render(vectors: npt.NDArray[np.float32], model: str, as_base64: bool,
     }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def model_entry(model: str, lane: str) -> dict[str, Any]:
+    """One model as OpenAI lists it (``created`` is unknown: 0), with zembed's lane."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "zembed", "lane": lane}
+
+
 def render_models(served: list[tuple[str, str]]) -> bytes:
     """``GET /v1/models``: OpenAI's list shape, one entry per name a lane answers to."""
-    return orjson.dumps({"object": "list", "data": [
-        {"id": model, "object": "model", "created": 0, "owned_by": "zembed", "lane": lane}
-        for model, lane in served]})
+    return orjson.dumps({"object": "list",
+                         "data": [model_entry(model, lane) for model, lane in served]})
+
+
+def render_model(model: str, lane: str) -> bytes:
+    """``GET /v1/models/{id}``."""
+    return orjson.dumps(model_entry(model, lane))

@@ -159,6 +159,10 @@ def test_models_lists_what_is_served_and_unknown_is_404(gw: Gateway) -> None:
     ids = {m.id for m in models.data}
     assert {"sentence-transformers/all-MiniLM-L6-v2", "zembed-tiny",
             "text-embedding-3-small"} <= ids
+    one = oai(gw).models.retrieve("all-MiniLM-L6-v2")
+    assert (one.id, one.object, one.owned_by) == ("all-MiniLM-L6-v2", "model", "zembed")
+    with pytest.raises(openai.NotFoundError):
+        oai(gw).models.retrieve("no-such-model")
     with pytest.raises(openai.NotFoundError) as info:
         oai(gw).embeddings.create(model="no-such-model", input="x")
     assert info.value.status_code == 404
