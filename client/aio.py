@@ -1,6 +1,15 @@
-"""The asyncio client: one DEALER socket, one reader task, a future per request.
+"""The asyncio client: one DEALER socket read from the event loop, a future per request.
 
 Safe to share between any number of coroutines of one event loop (not across loops/threads).
+
+The DEALER is a plain (non-blocking) pyzmq socket whose file descriptor the event loop
+watches, not a ``zmq.asyncio`` socket: zmq.asyncio wraps every send and receive in a future
+and its own event bookkeeping, which measured 45 µs of client CPU per request against 25 µs
+this way (1-item requests, 64 in flight, all cache hits). The HTTP gateway sends every request
+through this client, so that difference is most of what a refusal costs it. ZeroMQ's
+descriptor is edge-triggered: it signals "something changed", and only ``EVENTS`` says what.
+Every read of ``EVENTS`` (a send, a connection check) may consume that edge, so each one is
+followed by a look for replies (:meth:`AsyncClient._events`).
 """
 
 from __future__ import annotations
@@ -9,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -49,14 +58,18 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        sock = (ctx or zmq.asyncio.Context.instance()).socket(zmq.DEALER)
-        self._monitor = link.dial(sock, endpoint, curve_secret_key, curve_server_key)
+        # A plain socket in an asyncio context: its drop monitor (made from sock.context) is
+        # an asyncio socket, read by a task; the DEALER itself is read by the loop (above).
+        sock: zmq.Socket[bytes] = zmq.Socket(ctx or zmq.asyncio.Context.instance(), zmq.DEALER)
+        self._monitor: zmq.asyncio.Socket = cast(
+            zmq.asyncio.Socket, link.dial(sock, endpoint, curve_secret_key, curve_server_key))
         self._link = link.LinkEvents()
-        self._sock: zmq.asyncio.Socket | None = sock
+        self._sock: zmq.Socket[bytes] | None = sock
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the socket
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
         self._lost: set[int] = set()  # lost with a connection, not yet sent again
-        self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         #: Requests sent again after a connection drop (observability, tests).
         self.resubmitted = 0
@@ -64,7 +77,7 @@ class AsyncClient:
     @property
     def connected(self) -> bool:
         """A connection to the broker is up now (a request sent now reaches it)."""
-        return self._sock is not None and link.connected(self._sock)
+        return self._sock is not None and bool(self._events() & zmq.POLLOUT)
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
@@ -269,7 +282,8 @@ class AsyncClient:
         """
         while not future.done() and self._sock is not None:
             try:
-                await self._sock.send_multipart(frames, flags=zmq.DONTWAIT)
+                self._sock.send_multipart(frames, flags=zmq.DONTWAIT)
+                self._events()  # the send may have taken the edge of a reply that came
                 return True
             except zmq.Again:
                 await asyncio.sleep(SEND_RETRY_S)
@@ -280,12 +294,12 @@ class AsyncClient:
         if future.done():
             return
         future.set_exception(link.timed_out(
-            self.endpoint, reachable=rid not in self._lost and self._sock is not None
-            and link.connected(self._sock)))
+            self.endpoint, reachable=rid not in self._lost and self.connected))
 
     def _start_tasks(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read_replies())
+        if self._loop is None and self._sock is not None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._fd, self._drain)
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.ensure_future(self._watch_link())
 
@@ -311,14 +325,30 @@ class AsyncClient:
                     self.resubmitted += 1
                     self._lost.discard(rid)
 
-    async def _read_replies(self) -> None:
+    def _events(self) -> int:
+        """The socket's ``EVENTS``; when replies wait, a drain is scheduled (the read may
+        have consumed the descriptor's edge, and the loop would not wake for them)."""
+        sock = self._sock
+        if sock is None or sock.closed:
+            return 0
+        events = cast(int, sock.getsockopt(zmq.EVENTS))
+        if events & zmq.POLLIN and self._loop is not None:
+            self._loop.call_soon(self._drain)
+        return events
+
+    def _drain(self) -> None:
+        """Every reply that has arrived, to its future (the loop calls this when the socket's
+        descriptor signals, and after any read of ``EVENTS``)."""
         sock = self._sock
         while sock is not None and not sock.closed:
             try:
-                frames = await sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
+                if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    return
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
                 return
             self._deliver(frames)
+            sock = self._sock
 
     def _deliver(self, frames: list[bytes]) -> None:
         rid, header = reply_id(frames)
@@ -328,7 +358,11 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop the reader and close the socket; pending requests fail with ConnectionClosed."""
-        for task in (self._reader, self._watcher):
+        if self._loop is not None and self._sock is not None:
+            with contextlib.suppress(Exception):  # the loop may be closed already
+                self._loop.remove_reader(self._fd)
+            self._loop = None
+        for task in (self._watcher,):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
