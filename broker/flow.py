@@ -165,10 +165,14 @@ class EmbedFlow:
                 self.pending.track(req)
             return None
         try:
-            engine = self.state.admit(req.lane, len(plan.send), now)
+            engine = self.state.admit(req.lane, len(plan.send), now,
+                                      bulk=req.priority == p.PRIORITY_BULK)
         except ZembedError as exc:
+            if exc.status == p.OVERLOADED:
+                stats.refused_by_class[req.priority] += 1
             self.replier.request_error(req, exc.status, exc.message, retry_after_ms(exc))
             return None
+        stats.admitted_by_class[req.priority] += 1
         flight = self.state.dispatch(engine, len(plan.send), req.deadline, now, req.dim)
         self.pending.launch(flight.token, req, plan)
         self.pending.track(req)
@@ -185,6 +189,8 @@ class EmbedFlow:
             header["input_type"] = req.input_type
         if req.dimensions is not None:
             header["dimensions"] = req.dimensions
+        if req.priority != p.PRIORITY_INTERACTIVE:
+            header["priority"] = req.priority  # the engine puts interactive jobs first
         return send_engine(self.backend, engine.identity, p.REQUEST, header, packb(items))
 
     # -- engine results in -----------------------------------------------------------------

@@ -36,6 +36,7 @@ class ClientRequest:
     started: float
     #: Matryoshka truncation asked for; None for the model's full dim (also when asked for it).
     dimensions: int | None = None
+    priority: str = p.PRIORITY_INTERACTIVE  # interactive, or bulk (kept off the reserve)
     keys: list[bytes | None] = field(default_factory=list)
     dim: int = 0  # the width of its rows: ``dimensions`` or the lane's dim
     rows: bytearray = field(default_factory=bytearray)

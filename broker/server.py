@@ -72,7 +72,8 @@ class Broker:
             default_deadline_ms=cfg.default_deadline_ms, max_deadline_ms=cfg.max_deadline_ms)
         self.lane_kinds = {lane: p.LANE_KINDS.get(lane, frozenset({lane})) for lane in cfg.lanes}
         self.state = BrokerState(cfg.lanes, heartbeat_interval_s=cfg.heartbeat_interval_ms / 1000,
-                                 liveness=cfg.heartbeat_liveness)
+                                 liveness=cfg.heartbeat_liveness,
+                                 bulk_reserve=cfg.bulk_reserve)
         self.frontend = self._router(max_message_bytes=cfg.max_message_bytes,
                                      rcvhwm=cfg.max_queued_per_client,
                                      sndhwm=cfg.max_replies_queued_per_client)
@@ -262,7 +263,7 @@ class Broker:
         now = time.monotonic()
         self._batch.append(ClientRequest(
             identity, rid, lane, fields.kind, fields.normalize, fields.dtype, fields.input_type,
-            items, now + fields.deadline_ms / 1000, now, fields.dimensions))
+            items, now + fields.deadline_ms / 1000, now, fields.dimensions, fields.priority))
 
     def answer_management(self, identity: bytes, rid: int, op: str) -> None:
         """Answer ping/health/ready/stats/info at once from the loop's own state."""

@@ -148,6 +148,11 @@ class LaneStats:
     latency_window: LatencyWindow = field(default_factory=LatencyWindow)
     reject: Histogram = field(default_factory=Histogram)
     reject_window: LatencyWindow = field(default_factory=LatencyWindow)
+    #: Requests that needed credits, by class (interactive, bulk): admitted, or refused 429.
+    admitted_by_class: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(sorted(p.PRIORITIES), 0))
+    refused_by_class: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(sorted(p.PRIORITIES), 0))
 
     def timed(self, status: int, took_s: float, now: float) -> None:
         """Record how long an answered request took, if its status is one we time."""
@@ -168,8 +173,11 @@ class BrokerState:
         *,
         heartbeat_interval_s: float = p.HEARTBEAT_INTERVAL_MS / 1000,
         liveness: int = p.HEARTBEAT_LIVENESS,
+        bulk_reserve: float = 0.0,
     ) -> None:
         self.lanes = lanes
+        #: Share of each engine's credits that bulk requests may not take.
+        self.bulk_reserve = bulk_reserve
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.engines: dict[bytes, Engine] = {}
@@ -264,24 +272,45 @@ class BrokerState:
 
     # -- admission and dispatch ----------------------------------------------------------
 
-    def admit(self, lane: str, n: int, now: float) -> Engine:
-        """Pick the engine with the most free credits for ``n`` items, or raise the refusal."""
+    def reserve(self, engine: Engine) -> int:
+        """Credits of ``engine`` that bulk requests may not take (kept for interactive ones).
+
+        Rounded up, and never all of them: an engine of one credit keeps none back.
+        """
+        if self.bulk_reserve <= 0 or engine.credits_total <= 1:
+            return 0
+        return min(engine.credits_total - 1, math.ceil(engine.credits_total * self.bulk_reserve))
+
+    def admit(self, lane: str, n: int, now: float, *, bulk: bool = False) -> Engine:
+        """Pick the engine with the most free credits for ``n`` items, or raise the refusal.
+
+        ``bulk``: the request may only use credits above each engine's :meth:`reserve`, so a
+        bulk flood always leaves room for interactive requests; interactive ones may use all.
+        """
         peers = self.by_lane.get(lane)
         if peers is None:
             raise UnknownLane(f"unknown lane {lane!r}")
         if not peers:
             raise EngineUnavailable(f"no engine serves lane {lane!r} right now")
-        best = max(peers, key=lambda e: e.credits_free)
-        if best.credits_free >= n:
+        keep = self.reserve if bulk else (lambda e: 0)
+        best = max(peers, key=lambda e: e.credits_free - keep(e))
+        if best.credits_free - keep(best) >= n:
             return best
-        biggest = max(e.credits_total for e in peers)
+        biggest = max(e.credits_total - keep(e) for e in peers)
         if n > biggest:
             raise TooLarge(
-                f"{n} items exceed the largest engine budget of lane {lane!r} ({biggest}); split it"
+                f"{n} items exceed the largest engine budget of lane {lane!r} ({biggest}"
+                + (" for bulk requests" if bulk else "") + "); split it"
+            )
+        if bulk and best.credits_free >= n:
+            raise Overloaded(
+                f"lane {lane!r} has no room for bulk work ({best.credits_free} free, "
+                f"{keep(best)} kept for interactive requests, {n} needed)",
+                retry_after=self.retry_after_ms(lane, n + keep(best), now) / 1000,
             )
         raise Overloaded(
             f"lane {lane!r} is out of credits ({best.credits_free} free, {n} needed)",
-            retry_after=self.retry_after_ms(lane, n, now) / 1000,
+            retry_after=self.retry_after_ms(lane, n + keep(best), now) / 1000,
         )
 
     def dispatch(self, engine: Engine, n: int, deadline: float, now: float,
@@ -455,6 +484,9 @@ class BrokerState:
             "latency_hist": st.latency.snapshot(),
             "reject_ms": st.reject_window.quantiles_ms(now),
             "reject_hist": st.reject.snapshot(),
+            "classes": {c: {"admitted": st.admitted_by_class[c],
+                            "refused": st.refused_by_class[c]} for c in sorted(p.PRIORITIES)},
+            "bulk_reserve": sum(self.reserve(e) for e in peers),
         }
 
     def lane_info(self, lane: str, now: float, max_items: int) -> dict[str, Any]:
@@ -469,6 +501,7 @@ class BrokerState:
         live = [e for e in self.by_lane[lane] if self.is_live(e, now)]
         model = self.models.get(lane)
         biggest = max((e.credits_total for e in live), default=0)
+        bulk_biggest = max((e.credits_total - self.reserve(e) for e in live), default=0)
         return {
             "ready": bool(live),
             "model": live[0].info.get("model") if live else None,
@@ -478,6 +511,8 @@ class BrokerState:
             "credits_total": sum(e.credits_total for e in live),
             "credits_free": sum(e.credits_free for e in live),
             "max_request_items": min(max_items, biggest),
+            "bulk_max_request_items": min(max_items, bulk_biggest),
+            "bulk_credits": sum(e.credits_total - self.reserve(e) for e in live),
             "max_batch": max((e.max_batch for e in live), default=0),
             "dimensions": model.dimensions if model else False,
             "prompts": sorted(model.prompts) if model else [],

@@ -81,17 +81,18 @@ class AsyncClient:
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
-                          dimensions: int | None = None,
+                          dimensions: int | None = None, priority: str | None = None,
                           timeout: float | None = None) -> Vectors:
         """Embed texts on the text lane: float32 array ``(len(texts), dim)`` (or
-        ``dimensions`` wide: see :meth:`zembed.client.Client.embed_texts`)."""
+        ``dimensions`` wide; ``priority`` as in :meth:`zembed.client.Client.embed_texts`)."""
         result = await self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize,
                                   dtype=dtype, input_type=input_type, dimensions=dimensions,
-                                  timeout=timeout)
+                                  priority=priority, timeout=timeout)
         return result.vectors
 
     async def embed_images(self, images: Sequence[Any], *, normalize: bool = True,
                            dtype: str = "f32", dimensions: int | None = None,
+                           priority: str | None = None,
                            timeout: float | None = None) -> EmbedResult:
         """Embed images on the image lane (CLIP image tower).
 
@@ -102,21 +103,24 @@ class AsyncClient:
         """
         return await self.embed(p.LANE_IMAGE, p.KIND_IMAGE, image_items(images),
                                 normalize=normalize, dtype=dtype, dimensions=dimensions,
-                                timeout=timeout)
+                                priority=priority, timeout=timeout)
 
     async def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
                                dtype: str = "f32", dimensions: int | None = None,
+                               priority: str | None = None,
                                timeout: float | None = None) -> Vectors:
         """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
         result = await self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
-                                  dtype=dtype, dimensions=dimensions, timeout=timeout)
+                                  dtype=dtype, dimensions=dimensions, priority=priority,
+                                  timeout=timeout)
         return result.vectors
 
     async def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
                     dtype: str = "f32", input_type: str | None = None,
-                    dimensions: int | None = None, timeout: float | None = None) -> EmbedResult:
+                    dimensions: int | None = None, priority: str | None = None,
+                    timeout: float | None = None) -> EmbedResult:
         """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured
-        (``dimensions`` as in :meth:`zembed.client.Client.embed`)."""
+        (``dimensions`` and ``priority`` as in :meth:`zembed.client.Client.embed`)."""
         t_out = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + t_out
         attempt = 0
@@ -124,7 +128,7 @@ class AsyncClient:
             try:
                 return await self._embed_once(lane, kind, items, normalize, dtype, input_type,
                                               max(give_up - time.monotonic(), 0.001),
-                                              dimensions)
+                                              dimensions, priority)
             except ZembedError as exc:
                 delay = retry_delay(exc, attempt, self.backoff)
                 if delay is None or (self.retries is not None and attempt >= self.retries):
@@ -136,10 +140,12 @@ class AsyncClient:
 
     async def _embed_once(self, lane: str, kind: str, items: Sequence[Any], normalize: bool,
                           dtype: str, input_type: str | None, wait_s: float,
-                          dimensions: int | None = None) -> EmbedResult:
+                          dimensions: int | None = None,
+                          priority: str | None = None) -> EmbedResult:
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
-                              timeout_s=wait_s, input_type=input_type, dimensions=dimensions)
+                              timeout_s=wait_s, input_type=input_type, dimensions=dimensions,
+                              priority=priority)
         header, body = await self._request(rid, frames, wait_s)
         return decode_embed(header, body)
 
@@ -147,7 +153,8 @@ class AsyncClient:
                          normalize: bool = True, dtype: str = "f32",
                          input_type: str | None = None, dimensions: int | None = None,
                          batch_size: int | None = None, in_flight: int | None = None,
-                         retry_for: float = 300.0, progress: bool = False,
+                         retry_for: float = 300.0, priority: str = p.PRIORITY_BULK,
+                         progress: bool = False,
                          on_progress: ProgressCallback | None = None,
                          on_item_error: ItemErrorCallback | None = None) -> Vectors:
         """Embed any number of inputs: one ``(n, dim)`` array, rows in input order.
@@ -162,7 +169,7 @@ class AsyncClient:
             async for chunk in self.embed_many_iter(
                     items, kind, normalize=normalize, dtype=dtype, input_type=input_type,
                     dimensions=dimensions, batch_size=batch_size, in_flight=in_flight,
-                    retry_for=retry_for):
+                    retry_for=retry_for, priority=priority):
                 report.chunk(chunk)
                 out.add(chunk)
         finally:
@@ -174,7 +181,8 @@ class AsyncClient:
                               input_type: str | None = None, dimensions: int | None = None,
                               batch_size: int | None = None, in_flight: int | None = None,
                               retry_for: float = 300.0, refuse_unadmitted: bool = False,
-                              lane: str | None = None) -> AsyncIterator[EmbedChunk]:
+                              lane: str | None = None,
+                              priority: str = p.PRIORITY_BULK) -> AsyncIterator[EmbedChunk]:
         """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
         ``cached_items``), read from ``items`` only as fast as they are embedded.
 
@@ -183,18 +191,19 @@ class AsyncClient:
         lane to send to, when not the kind's usual one (a broker's ``--lanes``).
         """
         lane = lane or KIND_LANES[kind]
-        plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight, lane),
+        bulk = priority == p.PRIORITY_BULK
+        plan = BulkPlan(items, kind, await self._sizing(kind, batch_size, in_flight, lane, bulk),
                         retry_for_s=retry_for, backoff_s=self.backoff, dtype=dtype,
                         dimensions=dimensions, refuse_unadmitted=refuse_unadmitted)
         tasks: dict[asyncio.Future[EmbedResult], Piece] = {}
         try:
             while not plan.done:
                 if plan.wants_info:
-                    plan.resize(await self._sizing(kind, batch_size, in_flight, lane))
+                    plan.resize(await self._sizing(kind, batch_size, in_flight, lane, bulk))
                 for piece in plan.take(time.monotonic()):
                     tasks[asyncio.ensure_future(self._embed_once(
                         lane, kind, piece.wire, normalize, dtype, input_type,
-                        self.timeout, dimensions))] = piece
+                        self.timeout, dimensions, priority))] = piece
                 for chunk in plan.ready():
                     yield chunk
                 wait = seconds_until(plan.wake_at(), time.monotonic(), BULK_TICK_S)
@@ -214,10 +223,10 @@ class AsyncClient:
                 task.cancel()
 
     async def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None,
-                      lane: str | None = None) -> Sizing:
+                      lane: str | None = None, bulk: bool = True) -> Sizing:
         """Request sizes for ``kind`` on ``lane`` from the broker's ``info`` (or the caller's)."""
         return Sizing.from_info(await self.info(), kind, items=batch_size, in_flight=in_flight,
-                                lane_name=lane)
+                                lane_name=lane, bulk=bulk)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round trip to the broker."""

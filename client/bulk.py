@@ -75,12 +75,15 @@ class Sizing:
 
     @classmethod
     def from_info(cls, info: dict[str, Any], kind: str, *, items: int | None = None,
-                  in_flight: int | None = None, lane_name: str | None = None) -> Sizing:
+                  in_flight: int | None = None, lane_name: str | None = None,
+                  bulk: bool = True) -> Sizing:
         """Requests that fill a forward pass, two per engine so the next one always waits.
 
         ``items`` and ``in_flight`` override what the broker suggests (``items`` is still
         capped by what the lane can take). ``lane_name``: the lane, when not the kind's
-        usual one (a broker's own lanes, ``--lanes``).
+        usual one (a broker's own lanes, ``--lanes``). ``bulk``: sized for priority bulk,
+        within the credits the broker lets bulk work take (``bulk_max_request_items``,
+        ``bulk_credits``; brokers without them: all).
         """
         if kind not in KIND_LANES:
             raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
@@ -91,6 +94,9 @@ class Sizing:
         max_items = int(limits.get("max_items", PROVISIONAL_ITEMS))
         largest = int(lane.get("max_request_items") or 0)
         credits = int(lane.get("credits_total") or 0)
+        if bulk and "bulk_max_request_items" in lane:
+            largest = int(lane.get("bulk_max_request_items") or 0)
+            credits = int(lane.get("bulk_credits") or 0)
         if largest <= 0:  # no live engine: small requests until the broker can tell
             size = min(items or PROVISIONAL_ITEMS, max_items)
             return cls(size, _body_limit(limits), _item_limit(limits, kind), in_flight or 1,

@@ -48,6 +48,7 @@ class EmbedResult:
 def embed_frames(
     rid: int, lane: str, kind: str, items: Sequence[Any], *, normalize: bool, dtype: str,
     timeout_s: float, input_type: str | None, dimensions: int | None = None,
+    priority: str | None = None,
 ) -> list[bytes]:
     """Frames of an embed request (the DEALER adds nothing; the broker's ROUTER adds identity).
 
@@ -66,6 +67,10 @@ def embed_frames(
         header["input_type"] = input_type
     if dimensions is not None:
         header["dimensions"] = check_dimensions(dimensions)
+    if priority is not None:
+        if priority not in p.PRIORITIES:
+            raise BadRequest(f"priority must be one of {sorted(p.PRIORITIES)}, got {priority!r}")
+        header["priority"] = priority
     return [p.CLIENT_PROTO, packb(header), packb(list(items))]
 
 

@@ -97,7 +97,7 @@ class Client:
 
     def embed_texts(self, texts: Sequence[str], *, normalize: bool = True, dtype: str = "f32",
                     input_type: str | None = None, dimensions: int | None = None,
-                    timeout: float | None = None) -> Vectors:
+                    priority: str | None = None, timeout: float | None = None) -> Vectors:
         """Embed texts on the text lane: float32 array ``(len(texts), dim)``.
 
         :param input_type: ``"query"`` or ``"document"`` to apply the engine's prefixes, or the
@@ -105,13 +105,17 @@ class Client:
         :param dimensions: Matryoshka truncation: the first ``dimensions`` values of each
             vector (renormalised when ``normalize``), for a lane whose engine allows it
             (``info()``: ``dimensions``); the result is ``(len(texts), dimensions)``.
+        :param priority: ``"interactive"`` (a user waits) or ``"bulk"`` (indexing): bulk
+            requests may not take the credits the broker keeps for interactive ones. Left
+            out, ``input_type="document"`` is bulk and everything else interactive.
         """
         return self.embed(p.LANE_TEXT, p.KIND_TEXT, texts, normalize=normalize, dtype=dtype,
-                          input_type=input_type, dimensions=dimensions, timeout=timeout).vectors
+                          input_type=input_type, dimensions=dimensions, priority=priority,
+                          timeout=timeout).vectors
 
     def embed_images(self, images: Sequence[Any], *, normalize: bool = True,
                      dtype: str = "f32", dimensions: int | None = None,
-                     timeout: float | None = None) -> EmbedResult:
+                     priority: str | None = None, timeout: float | None = None) -> EmbedResult:
         """Embed images on the image lane (CLIP image tower).
 
         ``images``: bytes, paths (read here), ``data:`` URIs, http(s) URLs (if the engine
@@ -120,23 +124,25 @@ class Client:
         rows are zeros); one bad image never fails the others.
         """
         return self.embed(p.LANE_IMAGE, p.KIND_IMAGE, image_items(images), normalize=normalize,
-                          dtype=dtype, dimensions=dimensions, timeout=timeout)
+                          dtype=dtype, dimensions=dimensions, priority=priority, timeout=timeout)
 
     def embed_clip_texts(self, texts: Sequence[str], *, normalize: bool = True,
                          dtype: str = "f32", dimensions: int | None = None,
-                         timeout: float | None = None) -> Vectors:
+                         priority: str | None = None, timeout: float | None = None) -> Vectors:
         """Embed texts with the CLIP text tower (same space as ``embed_images``)."""
         result = self.embed(p.LANE_IMAGE, p.KIND_CLIP_TEXT, texts, normalize=normalize,
-                            dtype=dtype, dimensions=dimensions, timeout=timeout)
+                            dtype=dtype, dimensions=dimensions, priority=priority,
+                            timeout=timeout)
         return result.vectors
 
     def embed(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
               dtype: str = "f32", input_type: str | None = None, dimensions: int | None = None,
-              timeout: float | None = None) -> EmbedResult:
+              priority: str | None = None, timeout: float | None = None) -> EmbedResult:
         """Embed ``items`` of ``kind`` on ``lane``, retrying transient refusals as configured.
 
         ``dimensions``: the first ``dimensions`` values of each vector (Matryoshka
         truncation, renormalised when ``normalize``), where the lane's engines allow it.
+        ``priority``: ``interactive`` or ``bulk``, as in :meth:`embed_texts`.
         """
         attempt = 0
         t_out = self.timeout if timeout is None else timeout
@@ -145,7 +151,7 @@ class Client:
             left = give_up - time.monotonic()
             pending = self.submit(lane, kind, items, normalize=normalize, dtype=dtype,
                                   input_type=input_type, dimensions=dimensions,
-                                  timeout=max(left, 0.001))
+                                  priority=priority, timeout=max(left, 0.001))
             try:
                 return self.result(pending)
             except ZembedError as exc:
@@ -161,7 +167,7 @@ class Client:
                    normalize: bool = True, dtype: str = "f32", input_type: str | None = None,
                    dimensions: int | None = None, batch_size: int | None = None,
                    in_flight: int | None = None, retry_for: float = 300.0,
-                   progress: bool = False,
+                   priority: str = p.PRIORITY_BULK, progress: bool = False,
                    on_progress: ProgressCallback | None = None,
                    on_item_error: ItemErrorCallback | None = None) -> Vectors:
         """Embed any number of inputs: one ``(n, dim)`` array, rows in input order.
@@ -177,14 +183,15 @@ class Client:
         ``progress=True`` shows a tqdm bar; ``on_progress(done, total)`` is called per chunk.
         For inputs that do not fit in memory, iterate :meth:`embed_many_iter` instead.
         ``dimensions`` truncates every vector as in :meth:`embed`: the array is
-        ``(n, dimensions)`` then.
+        ``(n, dimensions)`` then. Requests go as ``priority="bulk"``: they never take the
+        credits the broker keeps for interactive requests (search queries).
         """
         report = BulkReport(total_of(items), progress=progress, on_progress=on_progress,
                             on_item_error=on_item_error)
         chunks = self.embed_many_iter(items, kind, normalize=normalize, dtype=dtype,
                                       input_type=input_type, dimensions=dimensions,
                                       batch_size=batch_size, in_flight=in_flight,
-                                      retry_for=retry_for)
+                                      retry_for=retry_for, priority=priority)
         try:
             return gather(report.each(chunks), report.total)
         finally:
@@ -194,20 +201,22 @@ class Client:
                         normalize: bool = True, dtype: str = "f32",
                         input_type: str | None = None, dimensions: int | None = None,
                         batch_size: int | None = None, in_flight: int | None = None,
-                        retry_for: float = 300.0) -> Iterator[EmbedChunk]:
+                        retry_for: float = 300.0,
+                        priority: str = p.PRIORITY_BULK) -> Iterator[EmbedChunk]:
         """:meth:`embed_many` as in-order chunks (``offset``, ``vectors``, ``item_errors``,
         ``cached_items``), read from ``items`` only as fast as they are embedded."""
-        sizing = self._sizing(kind, batch_size, in_flight)
+        bulk = priority == p.PRIORITY_BULK
+        sizing = self._sizing(kind, batch_size, in_flight, bulk)
         plan = BulkPlan(items, kind, sizing, retry_for_s=retry_for, backoff_s=self.backoff,
                         dtype=dtype, dimensions=dimensions)
         sent: dict[int, tuple[Pending, Piece]] = {}
         try:
             while not plan.done:
                 if plan.wants_info:
-                    plan.resize(self._sizing(kind, batch_size, in_flight))
+                    plan.resize(self._sizing(kind, batch_size, in_flight, bulk))
                 for piece in plan.take(time.monotonic()):
                     pending = self._submit_piece(plan, piece, normalize, dtype, input_type,
-                                                 dimensions)
+                                                 dimensions, priority)
                     if pending is not None:
                         sent[pending.id] = (pending, piece)
                 yield from plan.ready()
@@ -216,17 +225,20 @@ class Client:
             for pending, _ in sent.values():
                 self._forget(pending)
 
-    def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None) -> Sizing:
+    def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None,
+                bulk: bool = True) -> Sizing:
         """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
-        return Sizing.from_info(self.info(), kind, items=batch_size, in_flight=in_flight)
+        return Sizing.from_info(self.info(), kind, items=batch_size, in_flight=in_flight,
+                                bulk=bulk)
 
     def _submit_piece(self, plan: BulkPlan, piece: Piece, normalize: bool, dtype: str,
-                      input_type: str | None, dimensions: int | None) -> Pending | None:
+                      input_type: str | None, dimensions: int | None,
+                      priority: str | None = None) -> Pending | None:
         """Send one piece once (the plan retries); None when it failed at once (no broker)."""
         try:
             return self.submit(KIND_LANES[plan.kind], plan.kind, piece.wire,
                                normalize=normalize, dtype=dtype, input_type=input_type,
-                               dimensions=dimensions)
+                               dimensions=dimensions, priority=priority)
         except EngineUnavailable as exc:
             plan.failed(piece, exc, time.monotonic())
             return None
@@ -256,12 +268,14 @@ class Client:
 
     def submit(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
                dtype: str = "f32", input_type: str | None = None,
-               dimensions: int | None = None, timeout: float | None = None) -> Pending:
+               dimensions: int | None = None, priority: str | None = None,
+               timeout: float | None = None) -> Pending:
         """Send an embed request without waiting; collect it with :meth:`result`."""
         t_out = self.timeout if timeout is None else timeout
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
-                              timeout_s=t_out, input_type=input_type, dimensions=dimensions)
+                              timeout_s=t_out, input_type=input_type, dimensions=dimensions,
+                              priority=priority)
         pending = Pending(rid, frames, time.monotonic() + t_out)
         self._send(pending)
         return pending

@@ -2,8 +2,14 @@
 
 The socket thread puts jobs in as they arrive; the inference thread takes a batch whenever the
 model is free: every queued job in arrival order up to ``max_items`` items (a job bigger than
-that forms a batch of its own). There is no fixed delay by default: while the model runs, new
-jobs queue up, so batches grow exactly as load grows and a lone request is never held back.
+that forms a batch of its own), interactive jobs first. There is no fixed delay by default:
+while the model runs, new jobs queue up, so batches grow exactly as load grows and a lone
+request is never held back.
+
+Two classes: a search query waits behind at most one forward pass, never behind the bulk jobs
+queued before it. Bulk jobs fill what room a batch has left, so the model still runs full
+batches; they wait only while interactive jobs keep every batch full, and the broker keeps
+some credits from bulk work, so that never lasts.
 """
 
 from __future__ import annotations
@@ -29,31 +35,35 @@ class Job:
     generation: int  # connection generation; replies of an older one are dropped
     prepared: Future[list[Any]] | None = None  # decoding started in the pool on arrival
     dimensions: int | None = None  # a Matryoshka prefix of this many values, cut before normalising
+    bulk: bool = False  # priority bulk: after every interactive job
 
 
 class JobQueue:
-    """A FIFO of jobs with batch-shaped takes. Thread-safe."""
+    """Two FIFOs of jobs (interactive, bulk) with batch-shaped takes. Thread-safe."""
 
     def __init__(self) -> None:
-        self._jobs: deque[Job] = deque()
+        self._interactive: deque[Job] = deque()
+        self._bulk: deque[Job] = deque()
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._interactive) + len(self._bulk)
 
     def put(self, job: Job) -> None:
         """Queue a job and wake the inference thread."""
         with self._cond:
-            self._jobs.append(job)
+            (self._bulk if job.bulk else self._interactive).append(job)
             self._cond.notify()
 
     def take_batch(self, max_items: int, timeout_s: float, max_wait_s: float = 0.0) -> list[Job]:
-        """Jobs of one kind in arrival order, up to ``max_items`` items ([] after ``timeout_s``).
+        """Jobs of one kind, interactive ones first, each class in arrival order, up to
+        ``max_items`` items ([] after ``timeout_s``).
 
         With ``max_wait_s`` > 0, a batch that is not full waits that long for more jobs.
         """
         with self._cond:
-            if not self._cond.wait_for(lambda: bool(self._jobs), timeout_s):
+            if not self._cond.wait_for(lambda: bool(self._interactive or self._bulk),
+                                       timeout_s):
                 return []
             if max_wait_s > 0:
                 fill_by = time.monotonic() + max_wait_s
@@ -61,23 +71,28 @@ class JobQueue:
                     left = fill_by - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
                         break
-            batch = [self._jobs.popleft()]
-            items, kind = len(batch[0].items), batch[0].kind
-            while self._jobs and self._jobs[0].kind == kind:
-                if items + len(self._jobs[0].items) > max_items:
-                    break
-                job = self._jobs.popleft()
-                items += len(job.items)
-                batch.append(job)
+            first = (self._interactive or self._bulk).popleft()
+            batch = [first]
+            items, kind = len(first.items), first.kind
+            for queue in (self._interactive, self._bulk):
+                while queue and queue[0].kind == kind:
+                    if items + len(queue[0].items) > max_items:
+                        break
+                    job = queue.popleft()
+                    items += len(job.items)
+                    batch.append(job)
             return batch
 
     def _queued_items(self) -> int:
-        return sum(len(j.items) for j in self._jobs)
+        return sum(len(j.items) for q in (self._interactive, self._bulk) for j in q)
 
     def drop_generation_before(self, generation: int) -> int:
         """Forget jobs of an older connection (their broker is gone); return how many."""
         with self._cond:
-            keep = [j for j in self._jobs if j.generation >= generation]
-            dropped = len(self._jobs) - len(keep)
-            self._jobs = deque(keep)
+            dropped = 0
+            for queue in (self._interactive, self._bulk):
+                keep = [j for j in queue if j.generation >= generation]
+                dropped += len(queue) - len(keep)
+                queue.clear()
+                queue.extend(keep)
             return dropped

@@ -218,7 +218,7 @@ class EngineRuntime:
         items = msgpack.unpackb(body, raw=False)
         job = Job(h["tok"], h["kind"], h["normalize"], h.get("input_type"), items,
                   now + h["deadline_ms"] / 1000, self.generation,
-                  dimensions=h.get("dimensions"))
+                  dimensions=h.get("dimensions"), bulk=h.get("priority") == p.PRIORITY_BULK)
         if self.pool is not None:
             job.prepared = self.pool.submit(self.model.prepare, job.kind, items, job.input_type)
         self.jobs.put(job)

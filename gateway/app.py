@@ -234,12 +234,13 @@ class Gateway:
 
     async def _vectors(self, scope: Scope, target: Target, items: list[Any], *,
                        normalize: bool, dimensions: int | None,
-                       input_type: str | None) -> tuple[Any, list[tuple[bytes, bytes]]]:
+                       input_type: str | None,
+                       priority: str | None = None) -> tuple[Any, list[tuple[bytes, bytes]]]:
         """The vectors, and the headers that say how many inputs the cache served."""
         assert self.client is not None
         vectors, cached = await dispatch.embed(
             self.client, target, items, normalize=normalize, dimensions=dimensions,
-            input_type=input_type, timeout_s=self.cfg.timeout_s)
+            input_type=input_type, timeout_s=self.cfg.timeout_s, priority=priority)
         scope["zembed.inputs"] = len(items)
         return vectors, [JSON, (b"x-zembed-cached", str(cached).encode())]
 
@@ -253,7 +254,8 @@ class Gateway:
             items = [dispatch.image_input(v, i) for i, v in enumerate(items)]
         vectors, headers = await self._vectors(scope, target, items, normalize=True,
                                                dimensions=req.dimensions,
-                                               input_type=req.input_type)
+                                               input_type=req.input_type,
+                                               priority=req.priority)
         return 200, openai_api.render(vectors, target.model, req.base64), headers
 
     async def _tei_embed(self, scope: Scope, receive: Receive) -> Answer:

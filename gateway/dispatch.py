@@ -49,11 +49,21 @@ def _item_error(errors: dict[int, tuple[int, str]]) -> HttpError:
     return from_zembed(ZembedError(message, status=status), where=f"input[{index}]: ")
 
 
+def request_class(priority: str | None, input_type: str | None) -> str:
+    """The class a request goes as: the one it names, else the broker's rule (``document``
+    is bulk, everything else interactive), spelled out so a split request is sized for it."""
+    if priority is not None:
+        return priority
+    return p.PRIORITY_BULK if input_type == "document" else p.PRIORITY_INTERACTIVE
+
+
 async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
                 normalize: bool, dimensions: int | None, input_type: str | None,
-                timeout_s: float) -> tuple[npt.NDArray[np.float32], int]:
+                timeout_s: float,
+                priority: str | None = None) -> tuple[npt.NDArray[np.float32], int]:
     """(float32 ``(len(items), d)``, how many came from the cache) for ``items`` on
     ``target``, or raise :class:`HttpError`."""
+    klass = request_class(priority, input_type)
     if not client.connected:
         # Never wait for a broker that is not there: the client would hold the request until
         # its timeout hoping for a reconnect; an HTTP client is better told at once.
@@ -62,10 +72,10 @@ async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
     try:
         if target.max_request_items <= 0 or len(items) <= target.max_request_items:
             return await _single(client, target, items, normalize, dimensions, input_type,
-                                 timeout_s)
+                                 timeout_s, klass)
         async with asyncio.timeout(timeout_s):
             return await _split(client, target, items, normalize, dimensions, input_type,
-                                timeout_s)
+                                timeout_s, klass)
     except TimeoutError:
         raise from_zembed(DeadlineExceeded(
             f"{len(items)} inputs were not all embedded within {timeout_s:g} s")) from None
@@ -74,25 +84,25 @@ async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
 
 
 async def _single(client: AsyncClient, target: Target, items: Sequence[Any], normalize: bool,
-                  dimensions: int | None, input_type: str | None,
-                  timeout_s: float) -> tuple[npt.NDArray[np.float32], int]:
+                  dimensions: int | None, input_type: str | None, timeout_s: float,
+                  klass: str) -> tuple[npt.NDArray[np.float32], int]:
     result = await client.embed(target.lane, target.kind, items, normalize=normalize,
                                 dtype=p.DTYPE_BF16, input_type=input_type,
-                                dimensions=dimensions, timeout=timeout_s)
+                                dimensions=dimensions, priority=klass, timeout=timeout_s)
     if result.item_errors:
         raise _item_error(result.item_errors)
     return from_bf16(result.vectors), result.cached
 
 
 async def _split(client: AsyncClient, target: Target, items: Sequence[Any], normalize: bool,
-                 dimensions: int | None, input_type: str | None,
-                 timeout_s: float) -> tuple[npt.NDArray[np.float32], int]:
+                 dimensions: int | None, input_type: str | None, timeout_s: float,
+                 klass: str) -> tuple[npt.NDArray[np.float32], int]:
     parts: list[npt.NDArray[np.uint16]] = []
     cached = 0
     async for chunk in client.embed_many_iter(
             items, target.kind, normalize=normalize, dtype=p.DTYPE_BF16, input_type=input_type,
             dimensions=dimensions, retry_for=timeout_s, refuse_unadmitted=True,
-            lane=target.lane):
+            lane=target.lane, priority=klass):
         if chunk.item_errors:
             raise _item_error(chunk.item_errors)
         parts.append(chunk.vectors)

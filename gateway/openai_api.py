@@ -3,9 +3,10 @@
 Request fields (https://platform.openai.com/docs/api-reference/embeddings/create): ``input``
 (a string or a list of strings; token-id arrays are refused with a 400 that says so),
 ``model``, ``encoding_format`` (``float`` or ``base64``: little-endian float32, base64), and
-``dimensions``; ``user`` is accepted and ignored. Two extensions, both optional:
-``modality: "image"`` (inputs are images: data: URIs, URLs or base64) and ``input_type``
-(``query``, ``document`` or a model's prompt name, for asymmetric models). Unknown fields are
+``dimensions``; ``user`` is accepted and ignored. Three extensions, all optional:
+``modality: "image"`` (inputs are images: data: URIs, URLs or base64), ``input_type``
+(``query``, ``document`` or a model's prompt name, for asymmetric models) and ``priority``
+(``interactive`` or ``bulk``; left out, ``document`` is bulk). Unknown fields are
 ignored, as OpenAI-compatible servers do, so clients that send their own extras still work.
 
 The answer has OpenAI's exact shape and key order: ``{"object": "list", "data": [{"object":
@@ -26,6 +27,7 @@ import orjson
 
 from zembed.gateway.errors import HttpError, bad_request
 from zembed.gateway.models import MODALITIES
+from zembed.protocol import PRIORITIES
 
 #: OpenAI's own limit on inputs per request.
 OPENAI_MAX_INPUTS = 2048
@@ -41,6 +43,7 @@ class EmbeddingsRequest:
     dimensions: int | None
     modality: str
     input_type: str | None
+    priority: str | None = None
 
 
 def positive_int(value: Any, name: str) -> int:
@@ -105,10 +108,14 @@ def parse(body: Any, max_inputs: int) -> EmbeddingsRequest:
     if modality not in MODALITIES:
         raise bad_request(f"'modality' must be one of {', '.join(MODALITIES)}, got "
                           f"{modality!r}", param="modality")
+    priority = optional_str(body, "priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise bad_request(f"'priority' must be one of {', '.join(sorted(PRIORITIES))}, got "
+                          f"{priority!r}", param="priority")
     return EmbeddingsRequest(
         inputs, optional_str(body, "model"), encoding == "base64",
         None if dims is None else positive_int(dims, "dimensions"), modality,
-        optional_str(body, "input_type"))
+        optional_str(body, "input_type"), priority)
 
 
 def render(vectors: npt.NDArray[np.float32], model: str, as_base64: bool,

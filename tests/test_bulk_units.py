@@ -261,3 +261,10 @@ def test_sizing_reads_the_lane_it_is_given() -> None:
                                 credits_total=8)
     assert Sizing.from_info(lanes, "text", lane_name="e5").items == 4
     assert Sizing.from_info(lanes, "text").items == 32
+
+
+def test_bulk_runs_are_sized_within_the_bulk_share() -> None:
+    lanes = info()
+    lanes["lanes"]["text"].update(bulk_max_request_items=48, bulk_credits=48)
+    assert Sizing.from_info(lanes, "text") == Sizing(24, 64 << 20, 100, 2, DIM)
+    assert Sizing.from_info(lanes, "text", bulk=False).items == 32

@@ -34,10 +34,20 @@ def header(**kw: Any) -> dict[str, Any]:
 
 
 def test_defaults() -> None:
-    lane, kind, norm, dtype, deadline, n, itype, dims = parse_embed_header(header(), LANES,
-                                                                          LIMITS)
-    assert (lane, kind, norm, dtype, deadline, n, itype, dims) == (
-        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None)
+    lane, kind, norm, dtype, deadline, n, itype, dims, prio = parse_embed_header(
+        header(), LANES, LIMITS)
+    assert (lane, kind, norm, dtype, deadline, n, itype, dims, prio) == (
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None, "interactive")
+
+
+@pytest.mark.parametrize(("fields", "priority"), [
+    ({}, "interactive"), ({"input_type": "query"}, "interactive"),
+    ({"input_type": "document"}, "bulk"), ({"input_type": "passage"}, "interactive"),
+    ({"priority": "bulk"}, "bulk"), ({"input_type": "document", "priority": "interactive"},
+                                     "interactive"),
+])
+def test_priority_is_named_or_follows_input_type(fields: dict[str, Any], priority: str) -> None:
+    assert parse_embed_header(header(**fields), LANES, LIMITS).priority == priority
 
 
 @pytest.mark.parametrize(("fields", "error"), [
@@ -63,6 +73,8 @@ def test_defaults() -> None:
     ({"dimensions": True}, BadRequest),
     ({"dimensions": 128.0}, BadRequest),
     ({"dimensions": "128"}, BadRequest),
+    ({"priority": "urgent"}, BadRequest),
+    ({"priority": 1}, BadRequest),
 ])
 def test_bad_headers(fields: dict[str, Any], error: type[ZembedError]) -> None:
     with pytest.raises(error):
@@ -247,13 +259,14 @@ def test_wrong_item_types_are_named_in_msgpack_terms() -> None:
 
 # -- nil is "absent" for every optional field; required fields still need a value ------------
 
-OPTIONAL = ["lane", "kind", "normalize", "dtype", "deadline_ms", "input_type", "dimensions"]
+OPTIONAL = ["lane", "kind", "normalize", "dtype", "deadline_ms", "input_type", "dimensions",
+            "priority"]
 
 
 def test_nil_optional_fields_take_their_defaults() -> None:
     h = header(**{name: None for name in OPTIONAL})
     assert parse_embed_header(h, LANES, LIMITS) == (
-        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None)
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None, "interactive")
 
 
 def test_unpack_header_drops_nil_values() -> None:

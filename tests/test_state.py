@@ -195,3 +195,22 @@ def test_retry_after_is_bounded() -> None:
     quick = state.register(b"b", {**ready(4), "warmup_items_per_s": 1e9}, 0.0)
     state.dispatch(quick, 4, 999.0, 0.0)
     assert _refusal(state, 4, 0.0) == 1
+
+
+def test_bulk_requests_leave_the_reserve_to_interactive_ones() -> None:
+    state = BrokerState(("text",), heartbeat_interval_s=1.0, liveness=3, bulk_reserve=0.25)
+    e = state.register(b"a", ready(64), 0.0)
+    assert state.reserve(e) == 16
+    state.dispatch(state.admit("text", 48, 0.0, bulk=True), 48, 10.0, 0.0)
+    with pytest.raises(Overloaded) as info:
+        state.admit("text", 1, 0.0, bulk=True)  # 16 free, all of them kept
+    assert "kept for interactive" in info.value.message and info.value.retry_after > 0
+    assert state.admit("text", 16, 0.0) is e  # an interactive request may take them
+    with pytest.raises(TooLarge, match="for bulk requests"):
+        state.admit("text", 49, 0.0, bulk=True)
+    lane = state.lane_info("text", 0.0, 256)
+    assert (lane["max_request_items"], lane["bulk_max_request_items"],
+            lane["bulk_credits"]) == (64, 48, 48)
+    tiny = BrokerState(("text",), bulk_reserve=0.25)
+    assert tiny.reserve(tiny.register(b"b", ready(1), 0.0)) == 0  # one credit: none kept
+    assert BrokerState(("text",)).reserve(e) == 0  # no reserve: one pool

@@ -149,6 +149,12 @@ def render(snap: dict[str, Any], rates: dict[str, dict[str, float]],
         lines.append(f"{name}: {lane['engines_registered']} engine(s) registered, "
                      f"{lane['engines_lost']} lost" + ("" if lane["engines"] else
                                                         "  -- no engine"))
+        classes = lane.get("classes") or {}
+        if classes:
+            lines.append("  classes: " + ", ".join(
+                f"{c} {v.get('admitted', 0)} admitted / {v.get('refused', 0)} refused"
+                for c, v in sorted(classes.items()))
+                + f"; {lane.get('bulk_reserve', 0)} credits kept from bulk")
         lines += [engine_line(e) for e in lane["engines"]]
     lines.append("")
     lines.append("rates over the last interval; HIT* = since start (no lookups this interval);"

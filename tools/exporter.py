@@ -191,6 +191,14 @@ def lane_families(lanes: dict[str, Any]) -> Iterator[Metric]:
                    "counted as misses).", ["lane", "kind"], by("cache_errors"))
     yield _counter("zembed_single_flight_joins", "Items that joined an identical one in flight.",
                    ["lane"], per_lane("single_flight_joins"))
+    for outcome in ("admitted", "refused"):
+        yield _counter(f"zembed_class_{outcome}",
+                       f"Requests that needed credits and were {outcome}, by class "
+                       "(interactive, bulk).", ["lane", "class"],
+                       [([lane, c], v.get(outcome, 0)) for lane, row in lanes.items()
+                        for c, v in (row.get("classes") or {}).items()])
+    yield _gauge("zembed_lane_bulk_reserve", "Credits of the lane kept from bulk requests.",
+                 ["lane"], per_lane("bulk_reserve"))
     yield _counter("zembed_received_bytes", "Bytes of embed requests (header and body).",
                    ["lane"], per_lane("bytes_in"))
     yield _counter("zembed_sent_bytes", "Bytes of replies (header and vectors).", ["lane"],

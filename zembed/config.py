@@ -75,6 +75,10 @@ class BrokerConfig:
         p.HEARTBEAT_LIVENESS, "Missed heartbeat intervals after which an engine is dead."
     )
     max_items: int = _opt(256, "Most items in one request (413 above).")
+    bulk_reserve: float = _opt(
+        0.25, "Share of each engine's credits that bulk requests (priority bulk: embed_many, "
+        "input_type document) may not take, kept for interactive ones; 0 = one pool."
+    )
     max_item_bytes: int = _opt(65_536, "Most UTF-8 bytes in one text item, 413 above.")
     max_image_bytes: int = _opt(
         10 << 20, "Most bytes in one image item (encoded image or URL), 413 above."

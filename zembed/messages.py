@@ -199,6 +199,7 @@ class EmbedRequest:
     items: list[Any]
     input_type: str | None = None
     dimensions: int | None = None
+    priority: str = p.PRIORITY_INTERACTIVE
 
 
 def request_id(header: dict[str, Any]) -> int | None:
@@ -242,6 +243,7 @@ class EmbedHeader(NamedTuple):
     n: int
     input_type: str | None
     dimensions: int | None
+    priority: str = p.PRIORITY_INTERACTIVE
 
 
 _PROMPT_NAME = re.compile(f"[{p.INPUT_TYPE_CHARS}]{{1,{p.MAX_INPUT_TYPE_CHARS}}}")
@@ -264,6 +266,18 @@ def parse_input_type(header: dict[str, Any]) -> str | None:
                          f"characters from [{p.INPUT_TYPE_CHARS}] (such as "
                          f"{' or '.join(sorted(p.INPUT_TYPES))}), got {brief(input_type, 80)}")
     return input_type
+
+
+def parse_priority(header: dict[str, Any], input_type: str | None) -> str:
+    """``priority``: ``interactive`` or ``bulk``; absent, ``document`` requests are bulk and
+    everything else is interactive (a query, or a caller that did not say)."""
+    priority: str | None = _field(header, "priority", str, None)
+    if priority is None:
+        return p.PRIORITY_BULK if input_type == "document" else p.PRIORITY_INTERACTIVE
+    if priority not in p.PRIORITIES:
+        raise BadRequest(f"priority must be one of {sorted(p.PRIORITIES)}, got "
+                         f"{brief(priority, 40)}")
+    return priority
 
 
 def parse_dimensions(header: dict[str, Any]) -> int | None:
@@ -299,8 +313,9 @@ def parse_embed_header(
         raise BadRequest(f"a request needs at least one item, n={n}")
     if n > limits.max_items:
         raise TooLarge(f"{n} items in one request, at most {limits.max_items} allowed")
-    return EmbedHeader(lane, kind, normalize, dtype, deadline_ms, n, parse_input_type(header),
-                       parse_dimensions(header))
+    input_type = parse_input_type(header)
+    return EmbedHeader(lane, kind, normalize, dtype, deadline_ms, n, input_type,
+                       parse_dimensions(header), parse_priority(header, input_type))
 
 
 def parse_items(body: bytes | memoryview, kind: str, n: int, limits: Limits) -> list[Any]:

@@ -69,6 +69,13 @@ INPUT_TYPES: Final = frozenset({"query", "document"})
 INPUT_TYPE_CHARS: Final = "A-Za-z0-9_.:-"
 MAX_INPUT_TYPE_CHARS: Final = 64
 
+# Request classes (``priority`` in the embed header): a search query with a user waiting,
+# or bulk indexing. Bulk requests may not take the credits kept for interactive ones, and
+# engines put interactive jobs first in every batch.
+PRIORITY_INTERACTIVE: Final = "interactive"
+PRIORITY_BULK: Final = "bulk"
+PRIORITIES: Final = frozenset({PRIORITY_INTERACTIVE, PRIORITY_BULK})
+
 # Timing defaults (milliseconds).
 HEARTBEAT_INTERVAL_MS: Final = 1000
 #: An engine (or broker) silent for this many intervals is dead.
