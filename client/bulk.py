@@ -101,8 +101,13 @@ class Sizing:
             size = min(items or PROVISIONAL_ITEMS, max_items)
             return cls(size, _body_limit(limits), _item_limit(limits, kind), in_flight or 1,
                        lane.get("dim"))
-        batch = int(lane.get("max_batch") or largest)
-        size = min(items or min(batch, max(1, largest // 2)), largest)
+        # The engine's batch, halved until two requests fit one engine: requests that pair up
+        # into full forward passes (a bulk share of 48 gets 16s, three in flight, not 24s
+        # that leave every batch of 32 a quarter empty).
+        size = int(lane.get("max_batch") or largest)
+        while size > 1 and 2 * size > largest:
+            size = (size + 1) // 2
+        size = min(items or size, largest)
         flight = in_flight or max(1, credits // size)
         return cls(size, _body_limit(limits), _item_limit(limits, kind), flight, lane.get("dim"))
 

@@ -266,5 +266,5 @@ def test_sizing_reads_the_lane_it_is_given() -> None:
 def test_bulk_runs_are_sized_within_the_bulk_share() -> None:
     lanes = info()
     lanes["lanes"]["text"].update(bulk_max_request_items=48, bulk_credits=48)
-    assert Sizing.from_info(lanes, "text") == Sizing(24, 64 << 20, 100, 2, DIM)
+    assert Sizing.from_info(lanes, "text") == Sizing(16, 64 << 20, 100, 3, DIM)
     assert Sizing.from_info(lanes, "text", bulk=False).items == 32

@@ -42,6 +42,7 @@ class BenchSpec:
     :param rate: open loop: requests per second (0 = closed loop).
     :param duration_s: stop sending after this long. :param requests: ...or after this many.
     :param repeat: share of items repeated from a small pool (cache hits).
+    :param priority: the requests' class (``interactive``/``bulk``); None: the broker's default.
     """
 
     kinds: tuple[str, ...] = (p.KIND_TEXT,)
@@ -54,6 +55,7 @@ class BenchSpec:
     repeat: float = 0.0
     timeout_s: float = 30.0
     normalize: bool = True
+    priority: str | None = None
 
 
 @dataclass
@@ -192,7 +194,8 @@ class Bench:
         rid = self.report.sent + 1  # request ids are 1, 2, 3... in send order
         sock.send_multipart(embed_frames(rid, KIND_LANE[kind], kind, items,
                                          normalize=spec.normalize, dtype=p.DTYPE_BF16,
-                                         timeout_s=spec.timeout_s, input_type=None))
+                                         timeout_s=spec.timeout_s, input_type=None,
+                                         priority=spec.priority))
         self._outstanding[rid] = time.perf_counter()
         self.report.sent = rid
 

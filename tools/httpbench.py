@@ -333,8 +333,11 @@ class HttpBench:
         spec = self.spec
         kind = spec.kinds[self.report.sent % len(spec.kinds)]
         items = self.sources[kind].take(spec.items)
-        body = self._dumps({"model": self.models[kind], "input": items,
-                            "encoding_format": self.encoding})
+        request: dict[str, Any] = {"model": self.models[kind], "input": items,
+                                   "encoding_format": self.encoding}
+        if spec.priority is not None:
+            request["priority"] = spec.priority
+        body = self._dumps(request)
         return self._head + str(len(body)).encode() + b"\r\n\r\n" + body, len(items)
 
     def _fire(self, conn: _Conn | None) -> None:

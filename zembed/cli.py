@@ -422,6 +422,8 @@ def gateway(config_file: str | None, **flags: Any) -> None:
 @click.option("--requests", default=1_000_000, show_default=True, help="...or this many.")
 @click.option("--repeat", default=0.0, show_default=True,
               help="Share of items repeated from a small pool (exercises the cache), 0..1.")
+@click.option("--priority", type=click.Choice(["interactive", "bulk"]), default=None,
+              help="The requests' class (default: the broker's, interactive).")
 @click.option("--raw", is_flag=True, help="Also measure this machine's raw limits, same run.")
 @click.option("--http", "http_url", default=None, metavar="URL",
               help="Load the HTTP gateway at URL (http://HOST:PORT; path /v1/embeddings unless "
@@ -438,7 +440,8 @@ def gateway(config_file: str | None, **flags: Any) -> None:
 @config_file_option
 @config_options(cfgmod.ClientConfig)
 def bench(kind: str, items: int, concurrency: int, window: int, rate: float, duration_s: float,
-          requests: int, repeat: float, raw: bool, http_url: str | None, model: str,
+          requests: int, repeat: float, priority: str | None, raw: bool,
+          http_url: str | None, model: str,
           encoding: str, api_key: str, as_json: bool, config_file: str | None,
           **flags: Any) -> None:
     """Load the broker and report throughput, latency, rejections and cache hits.
@@ -453,7 +456,7 @@ def bench(kind: str, items: int, concurrency: int, window: int, rate: float, dur
     kinds = ("text", "image") if kind == "mix" else (kind,)
     spec = benchmod.BenchSpec(kinds=kinds, items=items, concurrency=concurrency, window=window,
                               rate=rate, duration_s=duration_s, requests=requests,
-                              repeat=repeat)
+                              repeat=repeat, priority=priority)
     ccfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
     load = None
     if http_url:
