@@ -6,9 +6,9 @@ engine with default settings (64 credits). Then, for the broker's ``--bulk-reser
 before request classes), in one run:
 
 1. **idle**: one-item queries at ``--qps`` (10/s) alone: their p50/p99 latency;
-2. **capacity**: a closed loop of 32-item bulk requests (8 in flight, honouring
-   ``retry_after``) measures the lane's items/s;
-3. **flood** at 2x and 5x that capacity: an open loop of 32-item bulk requests
+2. **capacity**: a closed loop of 16-item bulk requests (what ``embed_many`` sends), 8 in
+   flight, honouring ``retry_after``, measures the lane's items/s;
+3. **flood** at 2x and 5x that capacity: an open loop of 16-item bulk requests
    (``zembed bench --priority bulk`` in a process of its own) while the queries run again.
    Reported: the queries' p50/p99 and refusals, and total goodput (bulk and query items
    answered per second) against the capacity.
@@ -41,7 +41,9 @@ from zembed.errors import Overloaded, ZembedError
 from zembed.tools.bench import Bench, BenchSpec
 from zembed.tools.net import free_port
 
-BULK_ITEMS = 32
+#: What embed_many sends under the default reserve (a bulk share of 48: 16-item requests,
+#: three in flight, pairing into full batches of 32).
+BULK_ITEMS = 16
 
 
 class Stack:

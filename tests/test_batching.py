@@ -69,7 +69,7 @@ def test_chunks_respect_count_and_token_budget() -> None:
     assert chunks([], 32, 64) == []
 
 
-def test_interactive_jobs_go_first_and_bulk_fills_the_rest() -> None:
+def test_interactive_jobs_go_first_in_batches_of_their_own() -> None:
     q = JobQueue()
     for tok, n in ((1, 8), (2, 8), (3, 8)):
         bulk = job(tok, n)
@@ -77,7 +77,8 @@ def test_interactive_jobs_go_first_and_bulk_fills_the_rest() -> None:
         q.put(bulk)
     q.put(job(10, 1))  # a query that arrived after the bulk jobs
     q.put(job(11, 1))
-    assert [j.token for j in q.take_batch(12, 0.1)] == [10, 11, 1]  # queries, then bulk
+    assert [j.token for j in q.take_batch(12, 0.1)] == [10, 11]  # the queries, alone
+    assert [j.token for j in q.take_batch(12, 0.1)] == [1]
     assert [j.token for j in q.take_batch(12, 0.1)] == [2]
     q.put(job(12, 1, gen=0))
     assert q.drop_generation_before(1) == 1 and len(q) == 1
