@@ -10,8 +10,9 @@ Two classes: a search query waits behind at most the forward pass in progress, n
 the bulk jobs queued before it. A batch is all interactive jobs while any are queued, and all
 bulk jobs otherwise: filling a query's batch with bulk work would make the query wait for a
 full batch (measured beside a bulk flood: 62-70 ms at p50 that way, 25-28 ms in passes of
-their own, 13 ms on an idle lane), while a pass of queries alone is short. Bulk jobs wait only while queries keep
-the model busy, and the broker keeps some credits from bulk work, so that never lasts.
+their own, 13 ms on an idle lane), while a pass of queries alone is short. Bulk jobs wait
+only while queries keep the model busy, and the broker keeps some credits from bulk work, so
+that never lasts.
 """
 
 from __future__ import annotations

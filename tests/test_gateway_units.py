@@ -13,7 +13,7 @@ import pytest
 from zembed.config import GatewayConfig
 from zembed.errors import DeadlineExceeded, EngineUnavailable, Overloaded, TooLarge
 from zembed.gateway import auth, openai_api, tei
-from zembed.gateway.dispatch import image_input
+from zembed.gateway.dispatch import image_input, request_class
 from zembed.gateway.errors import HttpError, from_zembed
 from zembed.gateway.metrics import Metrics
 from zembed.gateway.models import Models, parse_aliases
@@ -63,6 +63,8 @@ def test_openai_parse_accepts_what_the_api_accepts() -> None:
     assert (req.inputs, req.model, req.base64, req.dimensions) == (["a", "b"], None, False, None)
     assert openai_api.parse({"input": ["i"], "modality": "image", "input_type": "query"},
                             10).input_type == "query"
+    assert openai_api.parse({"input": "x", "priority": "bulk"}, 10).priority == "bulk"
+    assert openai_api.parse({"input": "x"}, 10).priority is None  # the broker's default
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [
@@ -74,6 +76,7 @@ def test_openai_parse_accepts_what_the_api_accepts() -> None:
     ({"input": "a", "dimensions": 1.5}, 400, "invalid_request"),
     ({"input": "a", "modality": "audio"}, 400, "invalid_request"),
     ({"input": "a", "input_type": 3}, 400, "invalid_request"),
+    ({"input": "a", "priority": "urgent"}, 400, "invalid_request"),
     ("a string", 400, "invalid_request"),
 ])
 def test_openai_parse_refuses_with_a_reason(body: Any, status: int, code: str) -> None:
@@ -106,6 +109,12 @@ def test_tei_parse_and_render() -> None:
             tei.parse(bad, 32)
     vectors = np.eye(2, dtype=np.float32)
     assert json.loads(tei.render(vectors)) == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_request_class_is_named_or_follows_input_type() -> None:
+    assert request_class(None, None) == request_class(None, "query") == "interactive"
+    assert request_class(None, "document") == "bulk"
+    assert request_class("interactive", "document") == "interactive"
 
 
 def test_image_inputs() -> None:
