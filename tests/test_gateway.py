@@ -106,9 +106,13 @@ def sdk(lanes: Stack) -> Iterator[Client]:
         yield c
 
 
-def oai(gw: Gateway) -> Any:
-    return openai.OpenAI(base_url=f"{gw.base}/v1", api_key="not-needed", max_retries=0,
-                         timeout=HTTP_TIMEOUT_S)
+@pytest.fixture(scope="module")
+def api(gw: Gateway) -> Iterator[Any]:
+    """The official openai client on the gateway, closed at the end (its connection pool's
+    sockets would otherwise be left to the garbage collector: a ResourceWarning)."""
+    with openai.OpenAI(base_url=f"{gw.base}/v1", api_key="not-needed", max_retries=0,
+                       timeout=HTTP_TIMEOUT_S) as client:
+        yield client
 
 
 def floats(data: list[Any]) -> np.ndarray:
@@ -120,8 +124,8 @@ TEXTS = ["red running shoes", "a blue winter hat", "shoes for running in the rai
 
 # -- OpenAI ----------------------------------------------------------------------------------
 
-def test_openai_package_float_and_base64_equal_the_sdk(gw: Gateway, sdk: Client) -> None:
-    client = oai(gw)
+def test_openai_package_float_and_base64_equal_the_sdk(api: Any, sdk: Client) -> None:
+    client = api
     want = sdk.embed_texts(TEXTS)
     listed = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS,
                                       encoding_format="float")
@@ -154,26 +158,27 @@ def test_openai_response_is_the_exact_shape(gw: Gateway) -> None:
     assert status == 200 and same["data"] == body["data"]
 
 
-def test_models_lists_what_is_served_and_unknown_is_404(gw: Gateway) -> None:
-    models = oai(gw).models.list()
+def test_models_lists_what_is_served_and_unknown_is_404(api: Any) -> None:
+    models = api.models.list()
     ids = {m.id for m in models.data}
     assert {"sentence-transformers/all-MiniLM-L6-v2", "zembed-tiny",
             "text-embedding-3-small"} <= ids
-    one = oai(gw).models.retrieve("all-MiniLM-L6-v2")
+    one = api.models.retrieve("all-MiniLM-L6-v2")
     assert (one.id, one.object, one.owned_by) == ("all-MiniLM-L6-v2", "model", "zembed")
     with pytest.raises(openai.NotFoundError):
-        oai(gw).models.retrieve("no-such-model")
+        api.models.retrieve("no-such-model")
     with pytest.raises(openai.NotFoundError) as info:
-        oai(gw).embeddings.create(model="no-such-model", input="x")
+        api.embeddings.create(model="no-such-model", input="x")
     assert info.value.status_code == 404
     assert info.value.body["code"] == "model_not_found"
     assert "all-MiniLM-L6-v2" in info.value.body["message"]
 
 
-def test_large_request_is_split_and_answered_in_order(gw: Gateway, sdk: Client) -> None:
+def test_large_request_is_split_and_answered_in_order(gw: Gateway, api: Any,
+                                                       sdk: Client) -> None:
     texts = [f"catalogue item number {i}, a {'red' if i % 2 else 'green'} thing"
              for i in range(500)]  # ~8 broker requests of 64 (the lane's credits)
-    got = oai(gw).embeddings.create(model="text", input=texts, encoding_format="float")
+    got = api.embeddings.create(model="text", input=texts, encoding_format="float")
     assert [d.index for d in got.data] == list(range(500))
     assert np.array_equal(floats(got.data), sdk.embed_many(texts))
     status, _, body = gw.post("/v1/embeddings", {"model": "text", "input": ["x"] * 2049})
@@ -192,7 +197,8 @@ def test_dimensions_are_the_brokers_rule(gw: Gateway) -> None:
     assert status == 400 and body["error"]["param"] == "dimensions"
 
 
-def test_images_and_clip_text_through_one_endpoint(gw: Gateway, sdk: Client) -> None:
+def test_images_and_clip_text_through_one_endpoint(gw: Gateway, api: Any,
+                                                    sdk: Client) -> None:
     images = [png(1), png(2)]
     want = sdk.embed_images(images).vectors
     status, _, body = gw.post("/v1/embeddings", {
@@ -200,7 +206,7 @@ def test_images_and_clip_text_through_one_endpoint(gw: Gateway, sdk: Client) -> 
         "input": [data_uri(images[0]), base64.b64encode(images[1]).decode()]})
     assert status == 200, body
     assert np.array_equal(np.array([d["embedding"] for d in body["data"]], np.float32), want)
-    text = oai(gw).embeddings.create(model="zembed-tiny", input=["a photo of a cat"],
+    text = api.embeddings.create(model="zembed-tiny", input=["a photo of a cat"],
                                      encoding_format="float")
     assert np.array_equal(floats(text.data), sdk.embed_clip_texts(["a photo of a cat"]))
     status, _, body = gw.post("/v1/embeddings", {
@@ -360,8 +366,9 @@ def test_lane_out_of_credits_is_429_with_retry_after() -> None:
         # A request split in parts is refused whole while none of it can get in.
         assert big[0] == 429 and "retry-after" in big[1]
         # The openai package honours Retry-After and gets through once there is room.
-        got = openai.OpenAI(base_url=f"{gw.base}/v1", api_key="x", max_retries=3,
-                            timeout=HTTP_TIMEOUT_S).embeddings.create(model="text", input="ok")
+        with openai.OpenAI(base_url=f"{gw.base}/v1", api_key="x", max_retries=3,
+                           timeout=HTTP_TIMEOUT_S) as retrying:
+            got = retrying.embeddings.create(model="text", input="ok")
         assert len(got.data[0].embedding) == 384
     finally:
         stack.close()
@@ -409,8 +416,8 @@ def test_api_keys_from_a_file_reloaded_without_restart(lanes: Stack, tmp_path: P
                                         headers={"authorization": "Bearer wrong"})
         assert status == 401 and headers["www-authenticate"] == "Bearer"
         assert body["error"]["type"] == "authentication_error"
-        ok = openai.OpenAI(base_url=f"{gw.base}/v1", api_key="key-one", max_retries=0)
-        assert len(ok.embeddings.create(model="text", input="x").data) == 1
+        with openai.OpenAI(base_url=f"{gw.base}/v1", api_key="key-one", max_retries=0) as ok:
+            assert len(ok.embeddings.create(model="text", input="x").data) == 1
         assert gw.call("GET", "/health")[0] == 200  # probes need no key
         keys.write_text("key-two\n")
         deadline = time.monotonic() + 10
