@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -44,25 +42,13 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from zembed.client import Client
-from zembed.errors import ZembedError
+from stacks import Children, machine
+
 from zembed.tools.bench import Bench, BenchSpec
 from zembed.tools.httpbench import HttpBench
 from zembed.tools.net import free_port
 
 READY_S = 180.0
-
-
-def machine() -> str:
-    """``lscpu``'s model name and the cores this process may use."""
-    name = "unknown CPU"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines()
-                     if ln.startswith("Model name:")), name)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"{name}, {len(os.sched_getaffinity(0))} cores"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -74,18 +60,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class Stack:
+class Stack(Children):
     """Broker, text engine and gateway as child processes; logs in a temporary folder.
 
     ``pin``: the engine on the last core, everything else (this process too) on the others.
     """
 
     def __init__(self, pin: bool = False) -> None:
+        super().__init__("bench_gateway.")
         self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.logs = Path(tempfile.mkdtemp(prefix="bench_gateway."))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         cpus = sorted(os.sched_getaffinity(0))
         self.engine_cpus: set[int] | None = None
         self.other_cpus: set[int] | None = None
@@ -93,64 +78,26 @@ class Stack:
             self.engine_cpus, self.other_cpus = {cpus[-1]}, set(cpus[:-1])
             os.sched_setaffinity(0, self.other_cpus)
 
-    def spawn(self, name: str, *args: str) -> None:
-        log = (self.logs / f"{name}.log").open("ab")
-        cpus = self.engine_cpus if name == "text" else self.other_cpus
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "zembed", *args], stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=None if cpus is None else (lambda: os.sched_setaffinity(0, cpus)))
-        log.close()
-
     def gateway_cpu(self) -> float:
         proc = self.procs.get("gateway")
         return 0.0 if proc is None else cpu_seconds(proc.pid)
 
     def start_broker(self, cache: str) -> None:
         self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
-                   "--stats-endpoint", self.st, "--lanes", "text", "--cache", cache)
+                   "--stats-endpoint", self.st, "--lanes", "text", "--cache", cache,
+                   cpus=self.other_cpus)
 
     def start(self) -> None:
         self.start_broker("off")
-        self.spawn("text", "start", "text", "--broker", self.be)
+        self.spawn("text", "start", "text", "--broker", self.be, cpus=self.engine_cpus)
         self.spawn("gateway", "gateway", "--broker", self.fe, "--listen",
-                   f"127.0.0.1:{self.http_port}")
+                   f"127.0.0.1:{self.http_port}", cpus=self.other_cpus)
 
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    def close(self) -> None:
-        for name in ("gateway", "text", "broker"):
-            self.stop(name)
-
-    def wait_ready(self) -> float:
-        """Seconds until the broker says ready (lane has an engine) and the gateway's /ready
-        answers 200; fails when a child exits or after ``READY_S``."""
-        t0 = time.monotonic()
-        deadline = t0 + READY_S
-        with Client(self.fe, timeout=1.0, retries=0) as client:
-            while True:
-                for name, proc in self.procs.items():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {proc.returncode}; log: "
-                                           f"{self.logs / (name + '.log')}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"stack not ready within {READY_S:.0f} s; logs: "
-                                       f"{self.logs}")
-                try:
-                    ready = bool(client.ready(timeout=1.0).get("ready"))
-                except ZembedError:
-                    ready = False
-                if ready and http_status(self.url + "/ready") == 200:
-                    return time.monotonic() - t0
-                time.sleep(0.2)
+    def ready(self) -> float:
+        """Seconds until the broker says ready (the lane has an engine) and the gateway's
+        /ready answers 200."""
+        return self.wait_ready(self.fe, READY_S,
+                               also=lambda: http_status(self.url + "/ready") == 200)
 
 
 def http_status(url: str) -> int:
@@ -209,7 +156,7 @@ def main() -> None:
                  f"{sorted(stack.other_cpus or ())}" if stack.engine_cpus else
                  "client, gateway, broker and engine share the cores")
         print(f"machine: {machine()}; {where}")
-        print(f"stack ready in {stack.wait_ready():.1f} s; {secs:g} s per run", flush=True)
+        print(f"stack ready in {stack.ready():.1f} s; {secs:g} s per run", flush=True)
         both(stack, BenchSpec(items=1, concurrency=16, duration_s=min(2.0, secs)))  # warm-up
 
         results["a"] = both(stack, BenchSpec(items=1, concurrency=64, duration_s=secs))
@@ -230,7 +177,7 @@ def main() -> None:
         # (c): the same broker ports, now with a memory cache; engine and gateway reconnect.
         stack.stop("broker")
         stack.start_broker("memory")
-        print(f"broker restarted with --cache memory, ready in {stack.wait_ready():.1f} s",
+        print(f"broker restarted with --cache memory, ready in {stack.ready():.1f} s",
               flush=True)
         warm = BenchSpec(items=1, concurrency=8, repeat=1.0, duration_s=min(3.0, secs))
         both(stack, warm)  # computes and caches the repeat pool (the same in every run)

@@ -26,15 +26,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from stacks import Children, machine
 
 from zembed.client import Client
 from zembed.errors import Overloaded, ZembedError
@@ -46,48 +46,17 @@ from zembed.tools.net import free_port
 BULK_ITEMS = 16
 
 
-class Stack:
+class Stack(Children):
     """A broker and one text engine; the broker can be restarted with another reserve."""
 
     def __init__(self) -> None:
+        super().__init__("bench_priority.")
         self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-        self.logs = Path(tempfile.mkdtemp(prefix="bench_priority."))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def spawn(self, name: str, *args: str) -> None:
-        with (self.logs / f"{name}.log").open("ab") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "zembed", *args],
-                                                stdout=log, stderr=subprocess.STDOUT)
 
     def start_broker(self, reserve: float) -> None:
         self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
                    "--stats-endpoint", self.st, "--lanes", "text", "--cache", "off",
                    "--bulk-reserve", str(reserve))
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        with Client(self.fe, timeout=1.0, retries=0) as c:
-            while time.monotonic() < deadline:
-                for name, proc in self.procs.items():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited; logs in {self.logs}")
-                try:
-                    if c.ready(timeout=1.0).get("ready"):
-                        return
-                except ZembedError:
-                    pass
-                time.sleep(0.2)
-        raise TimeoutError(f"not ready within {timeout_s:.0f} s; logs in {self.logs}")
 
 
 def queries(endpoint: str, qps: float, seconds: float) -> dict[str, Any]:
@@ -125,7 +94,7 @@ def flood(endpoint: str, rate: float, seconds: float) -> subprocess.Popen[str]:
 def one_setting(stack: Stack, reserve: float, seconds: float, qps: float) -> dict[str, Any]:
     stack.stop("broker")
     stack.start_broker(reserve)
-    stack.wait_ready()
+    stack.wait_ready(stack.fe)
     out: dict[str, Any] = {"idle": queries(stack.fe, qps, seconds)}
     spec = BenchSpec(items=BULK_ITEMS, concurrency=8, duration_s=seconds, priority="bulk")
     capacity = float(Bench(stack.fe, spec, progress=False).run().summary()["items_per_s"])
@@ -153,19 +122,15 @@ def main() -> None:
     try:
         stack.start_broker(0.25)
         stack.spawn("text", "start", "text", "--broker", stack.be)
-        stack.wait_ready()
+        stack.wait_ready(stack.fe)
         Bench(stack.fe, BenchSpec(items=8, concurrency=8, duration_s=2.0),
               progress=False).run()  # warm-up
         for reserve in (0.25, 0.0):
             results[reserve] = one_setting(stack, reserve, args.seconds, args.qps)
             print(f"reserve {reserve}: done", file=sys.stderr, flush=True)
     finally:
-        for name in ("text", "broker"):
-            stack.stop(name)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        if ln.startswith("Model name:")), "unknown CPU")
-    print(f"machine: {cpu}, {os.cpu_count()} cores; {args.qps:g} queries/s, "
+        stack.close()
+    print(f"machine: {machine()}; {args.qps:g} queries/s, "
           f"{args.seconds:g} s per phase, bulk requests of {BULK_ITEMS} items")
     print("\n| bulk reserve | load | capacity items/s | query p50 ms | query p99 ms | "
           "queries refused | bulk 429 % | goodput / capacity |")
