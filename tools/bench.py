@@ -243,13 +243,16 @@ class Bench:
             self.report.statuses[NO_ANSWER] += 1
 
     def _tick(self, secs: float) -> None:
-        if not self.progress:
-            return
-        r = self.report
-        sys.stderr.write(f"\r{secs:6.1f}s sent {r.sent} ok {r.ok} ({r.ok / secs:.0f}/s, "
-                         f"{r.items_ok / secs:.0f} items/s) 429 {r.rejected} "
-                         f"errors {r.errors}   ")
-        sys.stderr.flush()
+        if self.progress:
+            show_progress(self.report, secs)
+
+
+def show_progress(r: BenchReport, secs: float) -> None:
+    """The one-line progress both load generators rewrite on stderr each second."""
+    sys.stderr.write(f"\r{secs:6.1f}s sent {r.sent} ok {r.ok} ({r.ok / secs:.0f}/s, "
+                     f"{r.items_ok / secs:.0f} items/s) 429 {r.rejected} "
+                     f"errors {r.errors}   ")
+    sys.stderr.flush()
 
 
 def served_engines(endpoint: str, curve: tuple[str, str] = ("", ""),

@@ -33,7 +33,13 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from zembed import protocol as p
-from zembed.tools.bench import NO_ANSWER, OPEN_LOOP_MAX_IN_FLIGHT, BenchReport, BenchSpec
+from zembed.tools.bench import (
+    NO_ANSWER,
+    OPEN_LOOP_MAX_IN_FLIGHT,
+    BenchReport,
+    BenchSpec,
+    show_progress,
+)
 from zembed.tools.inputs import InputSource
 
 #: Kinds the gateway takes as text (an image over HTTP is a data: URI, not measured here).
@@ -475,10 +481,5 @@ class HttpBench:
             self._maybe_finish()
 
     def _tick(self, secs: float) -> None:
-        if not self.progress:
-            return
-        r = self.report
-        sys.stderr.write(f"\r{secs:6.1f}s sent {r.sent} ok {r.ok} ({r.ok / secs:.0f}/s, "
-                         f"{r.items_ok / secs:.0f} items/s) 429 {r.rejected} "
-                         f"errors {r.errors}   ")
-        sys.stderr.flush()
+        if self.progress:
+            show_progress(self.report, secs)
