@@ -27,7 +27,7 @@ from zembed.config import GatewayConfig
 from zembed.errors import ZembedError
 from zembed.gateway import dispatch, openai_api, tei
 from zembed.gateway.auth import ApiKeys
-from zembed.gateway.errors import HttpError, from_zembed
+from zembed.gateway.errors import HttpError, from_zembed, unreachable
 from zembed.gateway.metrics import Metrics
 from zembed.gateway.models import Models, Target, parse_aliases
 
@@ -225,12 +225,17 @@ class Gateway:
         except orjson.JSONDecodeError as exc:
             raise HttpError(400, f"the body is not valid JSON: {exc}", "invalid_json") from None
 
+    async def _models_known(self, *, fresh: bool = False) -> Models:
+        """The model names, with ``info`` read first when it never was (or ``fresh``); a 503
+        when the broker has never answered it."""
+        read = await self.read_info() if fresh or not self.models.known else True
+        if not read and not self.models.known:
+            raise unreachable(self.cfg.broker)
+        return self.models
+
     async def _target(self, model: str | None, modality: str) -> Target:
-        """Where ``model`` goes; reads ``info`` first when it has not been read yet."""
-        if not self.models.known and not await self.read_info():
-            raise HttpError(503, f"the broker at {self.cfg.broker} is not reachable",
-                            "broker_unreachable", None, 1.0)
-        return self.models.resolve(model, modality)
+        """Where ``model`` goes."""
+        return (await self._models_known()).resolve(model, modality)
 
     async def _vectors(self, scope: Scope, target: Target, items: list[Any], *,
                        normalize: bool, dimensions: int | None,
@@ -268,18 +273,14 @@ class Gateway:
         return 200, tei.render(vectors), headers
 
     async def _models(self, scope: Scope, receive: Receive) -> Answer:
-        if not await self.read_info() and not self.models.known:
-            raise HttpError(503, f"the broker at {self.cfg.broker} is not reachable",
-                            "broker_unreachable", None, 1.0)
-        return 200, openai_api.render_models(self.models.served()), [JSON]
+        models = await self._models_known(fresh=True)
+        return 200, openai_api.render_models(models.served()), [JSON]
 
     async def _model(self, scope: Scope, receive: Receive) -> Answer:
         """One model by name (404 when no lane answers to it)."""
         name = scope["path"].split("/models/", 1)[1]
-        if not self.models.known and not await self.read_info():
-            raise HttpError(503, f"the broker at {self.cfg.broker} is not reachable",
-                            "broker_unreachable", None, 1.0)
-        return 200, openai_api.render_model(name, self.models.lane_of(name)), [JSON]
+        lane = (await self._models_known()).lane_of(name)
+        return 200, openai_api.render_model(name, lane), [JSON]
 
     async def _health(self, scope: Scope, receive: Receive) -> Answer:
         """200 when this worker and its broker connection answer; 503 with the reason."""

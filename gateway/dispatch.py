@@ -25,8 +25,9 @@ from zembed import protocol as p
 from zembed.cache.bf16 import from_bf16
 from zembed.client.aio import AsyncClient
 from zembed.errors import DeadlineExceeded, EngineUnavailable, ZembedError
-from zembed.gateway.errors import HttpError, from_zembed
+from zembed.gateway.errors import HttpError, from_zembed, unreachable
 from zembed.gateway.models import Target
+from zembed.messages import default_priority
 
 _URI_PREFIXES = ("data:", "http://", "https://")
 
@@ -52,9 +53,7 @@ def _item_error(errors: dict[int, tuple[int, str]]) -> HttpError:
 def request_class(priority: str | None, input_type: str | None) -> str:
     """The class a request goes as: the one it names, else the broker's rule (``document``
     is bulk, everything else interactive), spelled out so a split request is sized for it."""
-    if priority is not None:
-        return priority
-    return p.PRIORITY_BULK if input_type == "document" else p.PRIORITY_INTERACTIVE
+    return priority if priority is not None else default_priority(input_type)
 
 
 async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
@@ -67,8 +66,7 @@ async def embed(client: AsyncClient, target: Target, items: Sequence[Any], *,
     if not client.connected:
         # Never wait for a broker that is not there: the client would hold the request until
         # its timeout hoping for a reconnect; an HTTP client is better told at once.
-        raise HttpError(503, f"the broker at {client.endpoint} is not reachable",
-                        "broker_unreachable", None, 1.0)
+        raise unreachable(client.endpoint)
     try:
         if target.max_request_items <= 0 or len(items) <= target.max_request_items:
             return await _single(client, target, items, normalize, dimensions, input_type,

@@ -80,6 +80,12 @@ def from_zembed(exc: ZembedError, *, where: str = "") -> HttpError:
     return HttpError(status, message, code, "input" if status in (400, 413) else None, retry)
 
 
+def unreachable(endpoint: str) -> HttpError:
+    """The 503 for a broker this gateway has no connection to (retry in a second)."""
+    return HttpError(503, f"the broker at {endpoint} is not reachable", "broker_unreachable",
+                     None, 1.0)
+
+
 def bad_request(message: str, *, param: str | None = None, code: str = "invalid_request") -> HttpError:
     """A 400 for the request as sent (fields, types, JSON)."""
     return HttpError(400, message, code, param)

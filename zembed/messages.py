@@ -268,12 +268,17 @@ def parse_input_type(header: dict[str, Any]) -> str | None:
     return input_type
 
 
+def default_priority(input_type: str | None) -> str:
+    """The class of a request that names none: ``document`` requests are bulk, everything
+    else is interactive (a query, or a caller that did not say)."""
+    return p.PRIORITY_BULK if input_type == "document" else p.PRIORITY_INTERACTIVE
+
+
 def parse_priority(header: dict[str, Any], input_type: str | None) -> str:
-    """``priority``: ``interactive`` or ``bulk``; absent, ``document`` requests are bulk and
-    everything else is interactive (a query, or a caller that did not say)."""
+    """``priority``: ``interactive`` or ``bulk``; absent, :func:`default_priority`."""
     priority: str | None = _field(header, "priority", str, None)
     if priority is None:
-        return p.PRIORITY_BULK if input_type == "document" else p.PRIORITY_INTERACTIVE
+        return default_priority(input_type)
     if priority not in p.PRIORITIES:
         raise BadRequest(f"priority must be one of {sorted(p.PRIORITIES)}, got "
                          f"{brief(priority, 40)}")
