@@ -20,6 +20,7 @@ import zmq
 
 from zembed import __version__
 from zembed import protocol as p
+from zembed.broker.adaptive import parse_targets
 from zembed.broker.flow import EmbedFlow, send_engine
 from zembed.broker.pending import ClientRequest
 from zembed.broker.replies import Replier, retry_after_ms
@@ -73,7 +74,9 @@ class Broker:
         self.lane_kinds = {lane: p.LANE_KINDS.get(lane, frozenset({lane})) for lane in cfg.lanes}
         self.state = BrokerState(cfg.lanes, heartbeat_interval_s=cfg.heartbeat_interval_ms / 1000,
                                  liveness=cfg.heartbeat_liveness,
-                                 bulk_reserve=cfg.bulk_reserve)
+                                 bulk_reserve=cfg.bulk_reserve,
+                                 latency_targets=parse_targets(cfg.latency_target_ms, cfg.lanes),
+                                 adaptive_min_credits=cfg.adaptive_min_credits)
         self.frontend = self._router(max_message_bytes=cfg.max_message_bytes,
                                      rcvhwm=cfg.max_queued_per_client,
                                      sndhwm=cfg.max_replies_queued_per_client)

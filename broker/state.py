@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zembed import protocol as p
+from zembed.broker.adaptive import AimdLimit
 from zembed.broker.metrics import Histogram, LatencyWindow
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
 from zembed.messages import is_prompt_name
@@ -42,6 +43,10 @@ class Engine:
     expires_at: float
     last_sent: float
     credits_free: int = 0
+    #: Adaptive credits (a lane with a latency target): the controller, and the announced
+    #: credits it holds back now (``credits_total - limit``); admission subtracts them.
+    control: AimdLimit | None = None
+    withheld: int = 0
     inflight: set[int] = field(default_factory=set)
     requests_done: int = 0
     items_done: int = 0
@@ -174,8 +179,13 @@ class BrokerState:
         heartbeat_interval_s: float = p.HEARTBEAT_INTERVAL_MS / 1000,
         liveness: int = p.HEARTBEAT_LIVENESS,
         bulk_reserve: float = 0.0,
+        latency_targets: dict[str, float] | None = None,
+        adaptive_min_credits: int = 0,
     ) -> None:
         self.lanes = lanes
+        #: Lanes with adaptive credits: latency target (dispatch to reply) in seconds.
+        self.latency_targets = dict(latency_targets or {})
+        self.adaptive_min_credits = adaptive_min_credits
         #: Share of each engine's credits that bulk requests may not take.
         self.bulk_reserve = bulk_reserve
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -226,6 +236,10 @@ class BrokerState:
         engine.expiry_s = slower * self.liveness
         engine.live_s = slower * min(LIVE_INTERVALS, self.liveness)
         engine.expires_at = now + engine.expiry_s
+        target = self.latency_targets.get(lane)
+        if target is not None:
+            engine.control = AimdLimit(target, self.adaptive_min_credits or max_batch, credits,
+                                       step=max_batch)
         self.engines[identity] = engine
         peers.append(engine)
         self.stats[lane].engines_registered += 1
@@ -277,15 +291,19 @@ class BrokerState:
 
         Rounded up, and never all of them: an engine of one credit keeps none back.
         """
-        if self.bulk_reserve <= 0 or engine.credits_total <= 1:
+        limit = engine.credits_total - engine.withheld
+        if self.bulk_reserve <= 0 or limit <= 1:
             return 0
-        return min(engine.credits_total - 1, math.ceil(engine.credits_total * self.bulk_reserve))
+        return min(limit - 1, math.ceil(limit * self.bulk_reserve))
 
     def admit(self, lane: str, n: int, now: float, *, bulk: bool = False) -> Engine:
         """Pick the engine with the most free credits for ``n`` items, or raise the refusal.
 
         ``bulk``: the request may only use credits above each engine's :meth:`reserve`, so a
         bulk flood always leaves room for interactive requests; interactive ones may use all.
+        With adaptive credits, an engine's credits above its current limit (``withheld``) are
+        not offered; an idle engine still takes a request larger than its limit (it could
+        never fit otherwise), as TCP always lets one segment out.
         """
         peers = self.by_lane.get(lane)
         if peers is None:
@@ -293,24 +311,31 @@ class BrokerState:
         if not peers:
             raise EngineUnavailable(f"no engine serves lane {lane!r} right now")
         keep = self.reserve if bulk else (lambda e: 0)
-        best = max(peers, key=lambda e: e.credits_free - keep(e))
-        if best.credits_free - keep(best) >= n:
+        best = max(peers, key=lambda e: e.credits_free - e.withheld - keep(e))
+        if best.credits_free - best.withheld - keep(best) >= n:
             return best
+        for idle in peers:
+            if idle.withheld and not idle.inflight and idle.credits_total - keep(idle) >= n:
+                return idle
         biggest = max(e.credits_total - keep(e) for e in peers)
         if n > biggest:
             raise TooLarge(
                 f"{n} items exceed the largest engine budget of lane {lane!r} ({biggest}"
                 + (" for bulk requests" if bulk else "") + "); split it"
             )
-        if bulk and best.credits_free >= n:
+        held = keep(best) + best.withheld
+        free = best.credits_free - best.withheld
+        if bulk and free >= n:
             raise Overloaded(
-                f"lane {lane!r} has no room for bulk work ({best.credits_free} free, "
+                f"lane {lane!r} has no room for bulk work ({free} free, "
                 f"{keep(best)} kept for interactive requests, {n} needed)",
-                retry_after=self.retry_after_ms(lane, n + keep(best), now) / 1000,
+                retry_after=self.retry_after_ms(lane, n + held, now) / 1000,
             )
         raise Overloaded(
-            f"lane {lane!r} is out of credits ({best.credits_free} free, {n} needed)",
-            retry_after=self.retry_after_ms(lane, n + keep(best), now) / 1000,
+            f"lane {lane!r} is out of credits ({max(0, free)} free"
+            + (f" under the adaptive limit {best.credits_total - best.withheld}"
+               if best.control is not None else "") + f", {n} needed)",
+            retry_after=self.retry_after_ms(lane, n + held, now) / 1000,
         )
 
     def dispatch(self, engine: Engine, n: int, deadline: float, now: float,
@@ -341,6 +366,11 @@ class BrokerState:
         engine.credits_free += req.n
         engine.requests_done += 1
         engine.items_done += req.n
+        control = engine.control
+        if control is not None and control.sample(
+                now - req.started, req.n, req.started,
+                engine.credits_total - engine.credits_free, now):
+            engine.withheld = engine.credits_total - control.limit
         window = self._completions[req.lane]
         window.append((now, req.n))
         while window and window[0][0] < now - RATE_WINDOW_S:
@@ -454,6 +484,9 @@ class BrokerState:
             "batch_invariant_holds": e.info.get("batch_invariant_holds"),
             "warmup_items_per_s": e.info.get("warmup_items_per_s"),
             "credits_total": e.credits_total, "credits_free": e.credits_free,
+            "credits_limit": e.credits_total - e.withheld,
+            "adaptive": e.control.view() if e.control is not None else None,
+            "sizing": e.info.get("sizing"), "max_batch": e.max_batch,
             "items_in_flight": e.credits_total - e.credits_free,
             "requests_done": e.requests_done, "items_done": e.items_done,
             "batches": e.batches, "batch_items": e.batch_items,
@@ -470,6 +503,8 @@ class BrokerState:
             "engines": engines,
             "credits_total": sum(e.credits_total for e in peers),
             "credits_free": sum(e.credits_free for e in peers),
+            "credits_limit": sum(e.credits_total - e.withheld for e in peers),
+            "latency_target_ms": self.target_ms(lane),
             "requests": {str(k): v for k, v in st.requests.items()},
             "items": {str(k): v for k, v in st.items.items()},
             "items_dispatched": st.items_dispatched,
@@ -501,7 +536,8 @@ class BrokerState:
         live = [e for e in self.by_lane[lane] if self.is_live(e, now)]
         model = self.models.get(lane)
         biggest = max((e.credits_total for e in live), default=0)
-        bulk_biggest = max((e.credits_total - self.reserve(e) for e in live), default=0)
+        bulk_biggest = max((e.credits_total - e.withheld - self.reserve(e) for e in live),
+                           default=0)
         return {
             "ready": bool(live),
             "model": live[0].info.get("model") if live else None,
@@ -510,14 +546,21 @@ class BrokerState:
             "engines": len(live),
             "credits_total": sum(e.credits_total for e in live),
             "credits_free": sum(e.credits_free for e in live),
+            "credits_limit": sum(e.credits_total - e.withheld for e in live),
+            "latency_target_ms": self.target_ms(lane),
             "max_request_items": min(max_items, biggest),
             "bulk_max_request_items": min(max_items, bulk_biggest),
-            "bulk_credits": sum(e.credits_total - self.reserve(e) for e in live),
+            "bulk_credits": sum(e.credits_total - e.withheld - self.reserve(e) for e in live),
             "max_batch": max((e.max_batch for e in live), default=0),
             "dimensions": model.dimensions if model else False,
             "prompts": sorted(model.prompts) if model else [],
             "default_prompt": model.default_prompt if model else None,
         }
+
+    def target_ms(self, lane: str) -> float | None:
+        """The lane's latency target in ms (adaptive credits), None for fixed credits."""
+        target = self.latency_targets.get(lane)
+        return None if target is None else round(target * 1000, 1)
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A msgpack-able view of lanes, engines and counters for the stats."""

@@ -127,14 +127,15 @@ class Stack:
     def start_text(self, *args: str) -> Proc:
         proc = spawn("text", ["start", "text", "--broker", self.backend,
                               "--heartbeat-interval-ms", str(HEARTBEAT_MS), "--threads", "1",
-                              *args])
+                              # the sizes tests were written for; a later flag wins (click)
+                              "--credits", "64", "--max-batch", "32", *args])
         self.procs.append(proc)
         return proc
 
     def start_image(self, *args: str) -> Proc:
         """An image engine (one torch thread) for this stack's backend."""
         proc = spawn("image", ["start", "image", "--broker", self.backend, "--threads", "1",
-                               *args])
+                               "--credits", "16", "--max-batch", "16", *args])
         self.procs.append(proc)
         return proc
 

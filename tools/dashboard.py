@@ -129,6 +129,13 @@ def engine_line(e: dict[str, Any]) -> str:
     flags = "" if e.get("alive") else "  LATE HEARTBEAT"
     if e.get("random_weights"):
         flags += "  RANDOM WEIGHTS"
+    control = e.get("adaptive")
+    if isinstance(control, dict):
+        flags += f"  limit {control.get('limit')} ({control.get('cuts', 0)} cuts)"
+    sizing = e.get("sizing")
+    if isinstance(sizing, dict):
+        flags += (f"  sized: batch {sizing.get('max_batch')}, {sizing.get('credits')} credits,"
+                  f" {sizing.get('threads')} thread(s)")
     return (f"  engine {e['id']}  pid {e.get('pid', '?')}  {e.get('model') or '?'}  "
             f"credits {e['credits_free']}/{e['credits_total']}  in flight "
             f"{e['items_in_flight']}  batches {e.get('batches', 0)} (mean {mean_text})  heartbeat "
@@ -155,6 +162,12 @@ def render(snap: dict[str, Any], rates: dict[str, dict[str, float]],
                 f"{c} {v.get('admitted', 0)} admitted / {v.get('refused', 0)} refused"
                 for c, v in sorted(classes.items()))
                 + f"; {lane.get('bulk_reserve', 0)} credits kept from bulk")
+        if lane.get("latency_target_ms"):
+            p99 = (lane.get("latency_ms") or {}).get("p99")
+            lines.append(f"  adaptive credits: target {lane['latency_target_ms']:g} ms, "
+                         f"accepted p99 {_ms(lane.get('latency_ms') or {}, 'p99').strip()}"
+                         f"{'' if p99 is None else ' ms'}, limit {lane.get('credits_limit')}"
+                         f" of {lane['credits_total']} credits")
         lines += [engine_line(e) for e in lane["engines"]]
     lines.append("")
     lines.append("rates over the last interval; HIT* = since start (no lookups this interval);"

@@ -218,6 +218,13 @@ def lane_families(lanes: dict[str, Any]) -> Iterator[Metric]:
                  per_lane("credits_total"))
     yield _gauge("zembed_lane_credits_free", "Free credits of the lane's engines.", ["lane"],
                  per_lane("credits_free"))
+    yield _gauge("zembed_lane_credits_limit", "Credits the broker lets the lane's engines hold "
+                 "now (adaptive limits, or all they announced).", ["lane"],
+                 per_lane("credits_limit"))
+    yield _gauge("zembed_lane_latency_target_seconds", "The lane's latency target (adaptive "
+                 "credits; absent with fixed credits).", ["lane"],
+                 [([lane], row["latency_target_ms"] / 1000) for lane, row in lanes.items()
+                  if row.get("latency_target_ms")])
     yield _gauge("zembed_engines", "Registered engines.", ["lane"],
                  [([lane], len(row["engines"])) for lane, row in lanes.items()])
     yield _counter("zembed_engines_registered", "Engine registrations.", ["lane"],
@@ -248,6 +255,26 @@ def engine_families(lanes: dict[str, Any]) -> Iterator[Metric]:
                  each("credits_total"))
     yield _gauge("zembed_engine_credits_free", "The engine's free credits.", labels,
                  each("credits_free"))
+    yield _gauge("zembed_engine_credits_limit", "Credits the broker lets the engine hold now "
+                 "(the adaptive limit, or all it announced).", labels, each("credits_limit"))
+    adaptive = [(i, e["adaptive"]) for i, (_, e) in zip(ids, engines, strict=True)
+                if isinstance(e.get("adaptive"), dict)]
+    yield _counter("zembed_engine_adaptive_cuts", "Times the adaptive limit was cut (a request "
+                   "over the lane's latency target).", labels,
+                   [(i, a.get("cuts", 0)) for i, a in adaptive])
+    yield _counter("zembed_engine_adaptive_late", "Engine requests slower than the lane's "
+                   "latency target.", labels, [(i, a.get("late", 0)) for i, a in adaptive])
+    yield _gauge("zembed_engine_max_batch", "Most items in one forward pass (sized or fixed).",
+                 labels, each("max_batch"))
+    sized = [(i, e["sizing"]) for i, (_, e) in zip(ids, engines, strict=True)
+             if isinstance(e.get("sizing"), dict)]
+    yield _gauge("zembed_engine_threads", "torch threads the engine runs (from its sizing).",
+                 labels, [(i, z.get("threads") or 0) for i, z in sized])
+    yield _gauge("zembed_engine_warmup_items_per_second",
+                 "The engine's measured throughput curve at warm-up, by batch size.",
+                 [*labels, "batch"],
+                 [([*i, str(point[0])], point[2]) for i, z in sized
+                  for point in z.get("curve") or [] if len(point) >= 3])
     yield _gauge("zembed_engine_items_in_flight", "Items the engine is computing.", labels,
                  each("items_in_flight"))
     yield _counter("zembed_engine_requests", "Engine requests answered.", labels,

@@ -40,10 +40,15 @@ def start() -> None:
 def start_broker(config_file: str | None, **flags: Any) -> None:
     """Run the broker: clients on --frontend, engines on --backend."""
     from zembed import logs
+    from zembed.broker.adaptive import parse_targets
     from zembed.broker.server import serve
     from zembed.security import CurveKeyError
 
     cfg = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file, flags=flags)
+    try:
+        parse_targets(cfg.latency_target_ms, cfg.lanes)
+    except ValueError as exc:
+        raise click.ClickException(f"--latency-target-ms: {exc}") from None
     logs.setup(cfg.log_level, "broker")
     try:
         serve(cfg)

@@ -39,6 +39,14 @@ _SHARED_OPTS: dict[str, tuple[Any, str]] = {
     "max_wait_ms": (
         0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
     ),
+    "latency_target_ms": (
+        200.0, "Latency a request should see when this engine is sized at warm-up (credits or "
+        "max_batch 0): a forward pass may take at most half of it, ms."
+    ),
+    "batch_delay_file": (
+        "", "Tests only: a file holding a number of milliseconds every batch sleeps before its "
+        "forward pass, re-read each batch (stands in for a slowed engine); empty = off."
+    ),
     "heartbeat_interval_ms": (p.HEARTBEAT_INTERVAL_MS, "Heartbeat period to the broker, ms."),
     "heartbeat_liveness": (
         p.HEARTBEAT_LIVENESS, "Missed broker heartbeats after which the engine reconnects."
@@ -78,6 +86,15 @@ class BrokerConfig:
     bulk_reserve: float = _opt(
         0.25, "Share of each engine's credits that bulk requests (priority bulk: embed_many, "
         "input_type document) may not take, kept for interactive ones; 0 = one pool."
+    )
+    latency_target_ms: tuple[str, ...] = _opt(
+        (), "Adaptive credits: LANE=MS pairs (comma-separated), or one MS for every lane; the "
+        "broker moves each engine's credits (AIMD, at most what it announced) so that accepted "
+        "requests finish within the target; empty = the engines' fixed credits."
+    )
+    adaptive_min_credits: int = _opt(
+        0, "Adaptive credits never go below this per engine; 0 = the engine's max_batch (it "
+        "still runs full batches), items."
     )
     max_item_bytes: int = _opt(65_536, "Most UTF-8 bytes in one text item, 413 above.")
     max_image_bytes: int = _opt(
@@ -148,9 +165,15 @@ class TextEngineConfig:
     dtype: str = _shared_opt("dtype")
     threads: int = _shared_opt("threads")
     credits: int = _opt(
-        64, "Items this engine holds in flight (its admission budget; bounds queueing), items."
+        0, "Items this engine holds in flight (its admission budget; bounds queueing); "
+        "0 = sized at warm-up, twice the batch, items."
     )
-    max_batch: int = _opt(32, "Most items in one forward pass, items.")
+    max_batch: int = _opt(
+        0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
+        "curve and latency_target_ms, items."
+    )
+    latency_target_ms: float = _shared_opt("latency_target_ms")
+    batch_delay_file: str = _shared_opt("batch_delay_file")
     max_batch_tokens: int = _opt(
         8192, "Most tokens in one forward pass after padding (items x longest); 0 = no limit."
     )
@@ -196,8 +219,16 @@ class ImageEngineConfig:
     device: str = _shared_opt("device")
     dtype: str = _shared_opt("dtype")
     threads: int = _shared_opt("threads")
-    credits: int = _opt(16, "Items this engine holds in flight (its admission budget), items.")
-    max_batch: int = _opt(16, "Most items in one forward pass, items.")
+    credits: int = _opt(
+        0, "Items this engine holds in flight (its admission budget); 0 = sized at warm-up, "
+        "twice the batch, items."
+    )
+    max_batch: int = _opt(
+        0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
+        "curve and latency_target_ms, items."
+    )
+    latency_target_ms: float = _shared_opt("latency_target_ms")
+    batch_delay_file: str = _shared_opt("batch_delay_file")
     max_wait_ms: float = _shared_opt("max_wait_ms")
     decode_workers: int = _opt(
         0, "Threads decoding and preprocessing images; 0 = half the available cores (>= 1)."
