@@ -10,6 +10,11 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
 def default_threads() -> int:
     """Available cores minus one, at least one.
 
@@ -18,7 +23,7 @@ def default_threads() -> int:
     every parallel region waits for the straggler; 1-item requests ran at 0.32x the raw
     batch-32 rate with 2 threads and 0.67x with 1.
     """
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    return max(1, available_cores() - 1)
 
 
 def resolve_device(name: str) -> torch.device:

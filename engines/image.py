@@ -25,10 +25,17 @@ from PIL import Image
 
 from zembed import protocol as p
 from zembed.config import ImageEngineConfig
-from zembed.engines.devices import default_threads, dtype_name, resolve_device, resolve_dtype
+from zembed.engines.devices import (
+    available_cores,
+    default_threads,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 from zembed.engines.gpudecode import JpegTensorPrep, TensorPreprocess, check_decode
 from zembed.engines.imageio import DecodeLimits, FetchPolicy, item_bytes, load_rgb, open_checked
 from zembed.engines.model import ItemError
+from zembed.engines.sizing import Plan, Sizing, size_engine
 from zembed.tools.synthimg import synthetic_pixels
 
 log = logging.getLogger("zembed.engine.image")
@@ -205,19 +212,29 @@ class ImageModel:
         result: npt.NDArray[np.float32] = out.float().cpu().numpy()
         return result
 
-    def warmup(self, batch: int) -> dict[str, Any]:
-        """Decode and embed a batch of synthetic 640x480 JPEGs, and some CLIP texts."""
+    def warmup(self, plan: Plan) -> tuple[Sizing, dict[str, Any]]:
+        """Size the engine from forward passes of a preprocessed synthetic JPEG, and measure
+        the decode rate (640x480 JPEGs, on this thread); return the choice and READY's extras.
+
+        Decoding runs on the decode pool, beside the forward pass, so it does not enter the
+        curve; ``warmup_decode_per_s`` says whether one decode thread keeps up with it.
+        """
         jpeg = synthetic_jpeg(640, 480)
+        decoded = 8
         t0 = time.perf_counter()
-        images = self.prepare(p.KIND_IMAGE, [jpeg] * batch, None)
+        images = self.prepare(p.KIND_IMAGE, [jpeg] * decoded, None)
         decode_s = time.perf_counter() - t0
         self.forward(p.KIND_IMAGE, images[:1])
-        t0 = time.perf_counter()
-        self.forward(p.KIND_IMAGE, images)
-        forward_s = time.perf_counter() - t0
-        self.forward(p.KIND_CLIP_TEXT, ["a photo of a red shoe"] * batch)
-        return {"warmup_items_per_s": round(batch / forward_s, 1),
-                "warmup_decode_per_s": round(batch / decode_s, 1)}
+
+        def run_pass(n: int) -> None:
+            self.forward(p.KIND_IMAGE, [images[0]] * n)
+
+        sizing = size_engine(run_pass, plan, self.device.type, torch.set_num_threads,
+                             torch.get_num_threads(), available_cores())
+        self.forward(p.KIND_CLIP_TEXT, ["a photo of a red shoe"] * sizing.max_batch)
+        return sizing, {"warmup_items_per_s": round(sizing.chosen.items_per_s, 1),
+                        "warmup_decode_per_s": round(decoded / decode_s, 1),
+                        "sizing": sizing.to_ready()}
 
 
 def synthetic_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> bytes:

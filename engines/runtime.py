@@ -54,6 +54,8 @@ class RuntimeSettings:
     stall_timeout_s: float = 60.0
     curve_secret_key: str = ""  # CurveZMQ: this engine's .key_secret file
     curve_server_key: str = ""  # CurveZMQ: the broker's public .key file
+    #: Tests only: a file of milliseconds to sleep before each batch (a slowed engine).
+    batch_delay_file: str = ""
 
 
 class EngineRuntime:
@@ -259,6 +261,8 @@ class EngineRuntime:
         now = time.monotonic()
         self.busy_since = now
         try:
+            if self.s.batch_delay_file:
+                time.sleep(batch_delay_s(self.s.batch_delay_file))
             outcomes = self.runner.run(batch, now)
         finally:
             self.busy_since = None
@@ -276,6 +280,20 @@ class EngineRuntime:
         if o.item_errors:
             header["item_errors"] = o.item_errors
         return [_GEN.pack(o.job.generation), p.REPLY, packb(header), o.body]
+
+
+def batch_delay_s(path: str) -> float:
+    """Tests only (``batch_delay_file``): the file's number of milliseconds, as seconds.
+
+    Re-read before every batch, so a test can slow a running engine down and speed it up again
+    by rewriting the file; a missing file or anything but a non-negative number means 0.
+    """
+    try:
+        with open(path) as fh:
+            ms = float(fh.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0.0
+    return ms / 1000 if ms > 0 and ms != float("inf") else 0.0
 
 
 def serve(model: EmbeddingModel, settings: RuntimeSettings,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,16 @@ import torch
 
 from zembed import protocol as p
 from zembed.config import TextEngineConfig
-from zembed.engines.devices import default_threads, dtype_name, resolve_device, resolve_dtype
+from zembed.engines.devices import (
+    available_cores,
+    default_threads,
+    dtype_name,
+    resolve_device,
+    resolve_dtype,
+)
 from zembed.engines.filehash import digests
 from zembed.engines.model import ItemError
+from zembed.engines.sizing import Plan, Sizing, size_engine
 from zembed.engines.stmodules import PostModules
 from zembed.engines.stpipeline import DOCUMENT_PROMPTS, read_pipeline
 
@@ -153,6 +160,7 @@ class TextModel:
         #: request says normalize=false, as sentence-transformers returns them.
         self.normalizes = pipe.normalize
         self.batch_invariant = cfg.batch_invariant
+        self.max_batch_tokens = cfg.max_batch_tokens
         #: Whether this machine keeps an input's bits whatever its batch, as measured by
         #: :meth:`check_batch_invariance` at warm-up (None: not measured, or the mode is off).
         self.batch_invariant_holds: bool | None = None
@@ -327,18 +335,29 @@ class TextModel:
         """Prepare and forward in one call (tests, benchmarks and warm-up)."""
         return self.forward(p.KIND_TEXT, self.prepare(p.KIND_TEXT, texts, input_type))
 
-    def warmup(self, batch: int) -> dict[str, Any]:
-        """Run full batches until timings settle; report the rate READY carries."""
-        texts = [WARMUP_TEXT] * batch
-        self.encode(texts[:1])
-        start = time.perf_counter()
-        rounds = 3
-        for _ in range(rounds):
-            self.encode(texts)
-        elapsed = time.perf_counter() - start
+    def warmup(self, plan: Plan) -> tuple[Sizing, dict[str, Any]]:
+        """Size the engine from its measured curve (:mod:`zembed.engines.sizing`), then check
+        batch invariance at the chosen batch; return the choice and READY's extra fields.
+
+        The curve is measured on forward passes of :data:`WARMUP_TEXT` (19 tokens, a search
+        query's length), tokenised once: what one pass of short requests costs. Batches are
+        capped where ``max_batch_tokens`` would cut the pass anyway.
+        """
+        ids = self.prepare(p.KIND_TEXT, [WARMUP_TEXT], None)[0]
+        if self.max_batch_tokens > 0:
+            plan = replace(plan, max_size=max(1, self.max_batch_tokens //
+                                              self.padded_length(len(ids))))
+        self.forward(p.KIND_TEXT, [ids])
+
+        def run_pass(n: int) -> None:
+            self.forward(p.KIND_TEXT, [ids] * n)
+
+        sizing = size_engine(run_pass, plan, self.device.type, torch.set_num_threads,
+                             torch.get_num_threads(), available_cores())
         if self.batch_invariant:
-            self.batch_invariant_holds = self.check_batch_invariance(batch)
-        return {"warmup_items_per_s": round(rounds * batch / elapsed, 1)}
+            self.batch_invariant_holds = self.check_batch_invariance(sizing.max_batch)
+        return sizing, {"warmup_items_per_s": round(sizing.chosen.items_per_s, 1),
+                        "sizing": sizing.to_ready()}
 
     def check_batch_invariance(self, max_batch: int) -> bool:
         """Measure whether an input's vector keeps its bits in a pass of any row count.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from zembed.config import TextEngineConfig
+from zembed.engines.sizing import Plan
 from zembed.engines.stpipeline import UnsupportedPipeline
 from zembed.engines.text import TextModel, bundled_model_path, resolve_model_dir
 
@@ -113,11 +114,13 @@ def test_warmup_measures_whether_batch_invariance_holds_here() -> None:
     """The check runs at warm-up only in the invariant mode, and READY's facts carry its answer."""
     model = TextModel(TextEngineConfig(threads=1))
     assert model.describe()["batch_invariant_holds"] is None  # not measured yet
-    model.warmup(8)
+    sizing, ready = model.warmup(Plan(max_batch=8, credits=16, threads=1))
+    assert (sizing.max_batch, sizing.credits, sizing.auto) == (8, 16, [])  # fixed: kept
+    assert ready["sizing"]["curve"][-1][0] == 8 and ready["warmup_items_per_s"] > 0
     holds = model.describe()["batch_invariant_holds"]
     assert holds is model.check_batch_invariance(8) and holds in (True, False)
     padded = TextModel(TextEngineConfig(threads=1, batch_invariant=False))
-    padded.warmup(8)
+    padded.warmup(Plan(max_batch=8, credits=16, threads=1))
     assert padded.describe()["batch_invariant_holds"] is None  # nothing promised, nothing checked
 
 
