@@ -166,11 +166,12 @@ class EmbedFlow:
             return None
         try:
             engine = self.state.admit(req.lane, len(plan.send), now,
-                                      bulk=req.priority == p.PRIORITY_BULK)
+                                      bulk=req.priority == p.PRIORITY_BULK, ticket=req.ticket)
         except ZembedError as exc:
             if exc.status == p.OVERLOADED:
                 stats.refused_by_class[req.priority] += 1
-            self.replier.request_error(req, exc.status, exc.message, retry_after_ms(exc))
+            self.replier.request_error(req, exc.status, exc.message, retry_after_ms(exc),
+                                       getattr(exc, "ticket", None))
             return None
         stats.admitted_by_class[req.priority] += 1
         flight = self.state.dispatch(engine, len(plan.send), req.deadline, now, req.dim)

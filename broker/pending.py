@@ -37,6 +37,7 @@ class ClientRequest:
     #: Matryoshka truncation asked for; None for the model's full dim (also when asked for it).
     dimensions: int | None = None
     priority: str = p.PRIORITY_INTERACTIVE  # interactive, or bulk (kept off the reserve)
+    ticket: int | None = None  # 0: wants a ticket if refused; else the one a 429 gave it
     keys: list[bytes | None] = field(default_factory=list)
     dim: int = 0  # the width of its rows: ``dimensions`` or the lane's dim
     rows: bytearray = field(default_factory=bytearray)

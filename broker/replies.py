@@ -248,9 +248,11 @@ class Replier:
 
     def error(self, identity: bytes, rid: int | None, lane: str | None, status: int,
               message: str, n: int, *, retry_after_ms: int | None = None,
-              started: float | None = None, deadline: float | None = None) -> None:
+              started: float | None = None, deadline: float | None = None,
+              ticket: int | None = None) -> None:
         """An error reply (empty body), counted under its lane (timed if ``started``)."""
-        header = reply_header(rid, status, error=message, retry_after_ms=retry_after_ms)
+        header = reply_header(rid, status, error=message, retry_after_ms=retry_after_ms,
+                              ticket=ticket)
         stats = self.state.count(lane, status, n, len(header))
         if stats is not None and started is not None:
             now = self.clock()
@@ -258,13 +260,13 @@ class Replier:
         self.send(identity, [p.CLIENT_PROTO, header, _EMPTY], deadline)
 
     def request_error(self, req: ClientRequest, status: int, message: str,
-                      retry_after_ms: int | None = None) -> None:
+                      retry_after_ms: int | None = None, ticket: int | None = None) -> None:
         """Fail a whole client request (once)."""
         if not req.answered:
             req.answered = True
             self.error(req.client, req.rid, req.lane, status, message, req.n,
                        retry_after_ms=retry_after_ms, started=req.started,
-                       deadline=req.deadline)
+                       deadline=req.deadline, ticket=ticket)
 
     def vectors(self, req: ClientRequest) -> None:
         """The assembled rows of a complete request, widened to f32 when it asked for f32."""

@@ -266,7 +266,8 @@ class Broker:
         now = time.monotonic()
         self._batch.append(ClientRequest(
             identity, rid, lane, fields.kind, fields.normalize, fields.dtype, fields.input_type,
-            items, now + fields.deadline_ms / 1000, now, fields.dimensions, fields.priority))
+            items, now + fields.deadline_ms / 1000, now, fields.dimensions, fields.priority,
+            fields.ticket))
 
     def answer_management(self, identity: bytes, rid: int, op: str) -> None:
         """Answer ping/health/ready/stats/info at once from the loop's own state."""

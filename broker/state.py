@@ -16,6 +16,7 @@ from typing import Any
 from zembed import protocol as p
 from zembed.broker.adaptive import AimdLimit
 from zembed.broker.metrics import Histogram, LatencyWindow
+from zembed.broker.turns import RetryLine
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
 from zembed.messages import is_prompt_name
 
@@ -198,6 +199,9 @@ class BrokerState:
         self.models: dict[str, LaneModel] = {}
         self._tokens = itertools.count(1)
         self._completions: dict[str, deque[tuple[float, int]]] = {lane: deque() for lane in lanes}
+        #: Tickets of refused requests by lane, (interactive, bulk): see broker/turns.py.
+        self.lines: dict[str, tuple[RetryLine, RetryLine]] = {
+            lane: (RetryLine(), RetryLine()) for lane in lanes}
 
     # -- engines -------------------------------------------------------------------------
 
@@ -296,7 +300,8 @@ class BrokerState:
             return 0
         return min(limit - 1, math.ceil(limit * self.bulk_reserve))
 
-    def admit(self, lane: str, n: int, now: float, *, bulk: bool = False) -> Engine:
+    def admit(self, lane: str, n: int, now: float, *, bulk: bool = False,
+              ticket: int | None = None) -> Engine:
         """Pick the engine with the most free credits for ``n`` items, or raise the refusal.
 
         ``bulk``: the request may only use credits above each engine's :meth:`reserve`, so a
@@ -304,6 +309,11 @@ class BrokerState:
         With adaptive credits, an engine's credits above its current limit (``withheld``) are
         not offered; an idle engine still takes a request larger than its limit (it could
         never fit otherwise), as TCP always lets one segment out.
+
+        ``ticket``: the one a 429 gave this request earlier. Requests refused before come
+        first (:class:`~zembed.broker.turns.RetryLine`): a request is admitted only if the
+        credits it takes leave enough for the oldest ticket still waiting, unless it holds
+        that ticket. A refusal carries the request's ticket (kept, or a new one).
         """
         peers = self.by_lane.get(lane)
         if peers is None:
@@ -312,10 +322,16 @@ class BrokerState:
             raise EngineUnavailable(f"no engine serves lane {lane!r} right now")
         keep = self.reserve if bulk else (lambda e: 0)
         best = max(peers, key=lambda e: e.credits_free - e.withheld - keep(e))
-        if best.credits_free - best.withheld - keep(best) >= n:
+        room = best.credits_free - best.withheld - keep(best)
+        line = self.lines[lane][bulk]
+        waits = line.must_wait(ticket, n, room, now)
+        if room >= n and not waits:
+            line.admitted(ticket)
             return best
         for idle in peers:
-            if idle.withheld and not idle.inflight and idle.credits_total - keep(idle) >= n:
+            if (idle.withheld and not idle.inflight and idle.credits_total - keep(idle) >= n
+                    and not waits):
+                line.admitted(ticket)
                 return idle
         biggest = max(e.credits_total - keep(e) for e in peers)
         if n > biggest:
@@ -323,20 +339,22 @@ class BrokerState:
                 f"{n} items exceed the largest engine budget of lane {lane!r} ({biggest}"
                 + (" for bulk requests" if bulk else "") + "); split it"
             )
-        held = keep(best) + best.withheld
         free = best.credits_free - best.withheld
-        if bulk and free >= n:
-            raise Overloaded(
-                f"lane {lane!r} has no room for bulk work ({free} free, "
-                f"{keep(best)} kept for interactive requests, {n} needed)",
-                retry_after=self.retry_after_ms(lane, n + held, now) / 1000,
-            )
-        raise Overloaded(
-            f"lane {lane!r} is out of credits ({max(0, free)} free"
-            + (f" under the adaptive limit {best.credits_total - best.withheld}"
-               if best.control is not None else "") + f", {n} needed)",
-            retry_after=self.retry_after_ms(lane, n + held, now) / 1000,
-        )
+        retry_s = self.retry_after_ms(lane, n + keep(best) + best.withheld, now) / 1000
+        ahead = line.ahead(ticket)
+        if ahead:
+            retry_s = min(RETRY_AFTER_MAX_MS / 1000, retry_s + ahead / self._drain_rate(lane, now))
+        number = line.refused(ticket, n, retry_s, now)
+        if room >= n:
+            why = f"keeps its credits for requests refused earlier ({ahead} items ahead)"
+        elif bulk and free >= n:
+            why = (f"has no room for bulk work ({free} free, {keep(best)} kept for interactive "
+                   f"requests, {n} needed)")
+        else:
+            why = (f"is out of credits ({max(0, free)} free"
+                   + (f" under the adaptive limit {best.credits_total - best.withheld}"
+                      if best.control is not None else "") + f", {n} needed)")
+        raise Overloaded(f"lane {lane!r} {why}", retry_after=retry_s, ticket=number)
 
     def dispatch(self, engine: Engine, n: int, deadline: float, now: float,
                  dim: int | None = None) -> Inflight:
@@ -409,6 +427,13 @@ class BrokerState:
         wait_s = min(waits) if waits else self.heartbeat_interval_s
         # (rounded first, so that float noise in 0.15 s does not make it 151 ms)
         return max(1, min(RETRY_AFTER_MAX_MS, math.ceil(round(wait_s * 1000, 6))))
+
+    def _drain_rate(self, lane: str, now: float) -> float:
+        """Items per second the lane can be expected to complete: the measured rate, or the
+        engines' announced throughputs if higher (a lane just starting has measured little);
+        at least 1."""
+        announced = sum(announced_rate(e.info) or 0.0 for e in self.by_lane[lane])
+        return max(1.0, self.lane_rate(lane, now), announced)
 
     def free_in(self, engine: Engine, n: int, now: float) -> float | None:
         """Seconds until ``engine`` has ``n`` free credits, from the throughput it announced.
@@ -522,6 +547,9 @@ class BrokerState:
             "classes": {c: {"admitted": st.admitted_by_class[c],
                             "refused": st.refused_by_class[c]} for c in sorted(p.PRIORITIES)},
             "bulk_reserve": sum(self.reserve(e) for e in peers),
+            "retry_lines": {c: line.view() for c, line in
+                            zip((p.PRIORITY_INTERACTIVE, p.PRIORITY_BULK), self.lines[lane],
+                                strict=True)},
         }
 
     def lane_info(self, lane: str, now: float, max_items: int) -> dict[str, Any]:

@@ -32,6 +32,8 @@ from zembed.client.codec import (
     decode_embed,
     decode_op,
     embed_frames,
+    first_ticket,
+    kept_ticket,
     next_id,
     op_frames,
     reply_id,
@@ -124,12 +126,14 @@ class AsyncClient:
         t_out = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + t_out
         attempt = 0
+        ticket = first_ticket(self.retries)
         while True:
             try:
                 return await self._embed_once(lane, kind, items, normalize, dtype, input_type,
                                               max(give_up - time.monotonic(), 0.001),
-                                              dimensions, priority)
+                                              dimensions, priority, ticket)
             except ZembedError as exc:
+                ticket = kept_ticket(exc, ticket)
                 delay = retry_delay(exc, attempt, self.backoff)
                 if delay is None or (self.retries is not None and attempt >= self.retries):
                     raise
@@ -141,11 +145,12 @@ class AsyncClient:
     async def _embed_once(self, lane: str, kind: str, items: Sequence[Any], normalize: bool,
                           dtype: str, input_type: str | None, wait_s: float,
                           dimensions: int | None = None,
-                          priority: str | None = None) -> EmbedResult:
+                          priority: str | None = None,
+                          ticket: int | None = None) -> EmbedResult:
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
                               timeout_s=wait_s, input_type=input_type, dimensions=dimensions,
-                              priority=priority)
+                              priority=priority, ticket=ticket)
         header, body = await self._request(rid, frames, wait_s)
         return decode_embed(header, body)
 
@@ -203,7 +208,7 @@ class AsyncClient:
                 for piece in plan.take(time.monotonic()):
                     tasks[asyncio.ensure_future(self._embed_once(
                         lane, kind, piece.wire, normalize, dtype, input_type,
-                        self.timeout, dimensions, priority))] = piece
+                        self.timeout, dimensions, priority, piece.ticket))] = piece
                 for chunk in plan.ready():
                     yield chunk
                 wait = seconds_until(plan.wake_at(), time.monotonic(), BULK_TICK_S)

@@ -34,7 +34,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from zembed import protocol as p
-from zembed.client.codec import EmbedResult, Vectors, check_dimensions, retry_delay
+from zembed.client.codec import (
+    EmbedResult,
+    Vectors,
+    check_dimensions,
+    kept_ticket,
+    retry_delay,
+)
 from zembed.client.images import image_item
 from zembed.errors import BadRequest, TooLarge, UnknownLane, ZembedError
 
@@ -131,6 +137,9 @@ class Piece:
     where: list[int]
     errors: dict[int, tuple[int, str]] = field(default_factory=dict)
     attempt: int = 0
+    #: 0: a 429 gives this piece a ticket; then that ticket, which keeps its place in the
+    #: broker's line of refused requests; None: no ticket (docs/protocol.md).
+    ticket: int | None = 0
     not_before: float = 0.0
     failing_since: float | None = None
     result: EmbedResult | None = None
@@ -232,6 +241,8 @@ class BulkPlan:
         """The next inputs, up to the request size in items and bytes."""
         size = self.sizing
         piece = Piece(self._read, 0, [], [])
+        if self.refuse_unadmitted and not self._admitted:
+            piece.ticket = None  # its 429 may end the request: a ticket would only hold room
         body = ITEM_OVERHEAD_BYTES
         while piece.size < size.items:
             try:
@@ -301,6 +312,7 @@ class BulkPlan:
         if (overloaded and self.refuse_unadmitted and not self._admitted
                 and not self._in_flight):
             raise exc
+        piece.ticket = kept_ticket(exc, piece.ticket)
         delay = retry_delay(exc, 0 if overloaded else piece.attempt, self.backoff_s,
                             deadline=True, rand=self.rand)
         if delay is None:

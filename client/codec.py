@@ -48,7 +48,7 @@ class EmbedResult:
 def embed_frames(
     rid: int, lane: str, kind: str, items: Sequence[Any], *, normalize: bool, dtype: str,
     timeout_s: float, input_type: str | None, dimensions: int | None = None,
-    priority: str | None = None,
+    priority: str | None = None, ticket: int | None = None,
 ) -> list[bytes]:
     """Frames of an embed request (the DEALER adds nothing; the broker's ROUTER adds identity).
 
@@ -71,6 +71,8 @@ def embed_frames(
         if priority not in p.PRIORITIES:
             raise BadRequest(f"priority must be one of {sorted(p.PRIORITIES)}, got {priority!r}")
         header["priority"] = priority
+    if ticket is not None:
+        header["ticket"] = ticket  # 0: refuse me with a ticket (I retry); else the 429's
     return [p.CLIENT_PROTO, packb(header), packb(list(items))]
 
 
@@ -124,7 +126,7 @@ def decode_embed(header: dict[str, Any], body: bytes) -> EmbedResult:
     status = header.get("status")
     if status != p.OK:
         raise error_for(int(status or p.ENGINE_ERROR), str(header.get("error", "")),
-                        header.get("retry_after_ms"))
+                        header.get("retry_after_ms"), header.get("ticket"))
     rows, dim = header["shape"]
     dtype = np.dtype("<f4") if header["dtype"] == p.DTYPE_F32 else np.dtype("<u2")
     # A copy: frombuffer over the received bytes is read-only, and callers normalise, stack
@@ -146,6 +148,18 @@ def decode_op(header: dict[str, Any], body: bytes, *, raise_on_error: bool) -> d
     if "error" in header:
         data["error"] = header["error"]
     return data
+
+
+def first_ticket(retries: int | None) -> int | None:
+    """The ``ticket`` of a first attempt: 0 (a refusal gives a ticket that keeps the request's
+    place for its retry) when the client retries 429s, else none (docs/protocol.md)."""
+    return None if retries == 0 else 0
+
+
+def kept_ticket(exc: ZembedError, ticket: int | None) -> int | None:
+    """The ticket a retry sends: the one a 429 gave, else the one it had."""
+    given = getattr(exc, "ticket", None)
+    return given if given is not None else ticket
 
 
 #: No retry waits longer than this (exponential backoff stops growing here), seconds.

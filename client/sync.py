@@ -32,6 +32,8 @@ from zembed.client.codec import (
     decode_embed,
     decode_op,
     embed_frames,
+    first_ticket,
+    kept_ticket,
     next_id,
     op_frames,
     reply_id,
@@ -147,14 +149,16 @@ class Client:
         attempt = 0
         t_out = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + t_out
+        ticket = first_ticket(self.retries)
         while True:
             left = give_up - time.monotonic()
             pending = self.submit(lane, kind, items, normalize=normalize, dtype=dtype,
                                   input_type=input_type, dimensions=dimensions,
-                                  priority=priority, timeout=max(left, 0.001))
+                                  priority=priority, timeout=max(left, 0.001), ticket=ticket)
             try:
                 return self.result(pending)
             except ZembedError as exc:
+                ticket = kept_ticket(exc, ticket)
                 delay = retry_delay(exc, attempt, self.backoff)
                 if delay is None or (self.retries is not None and attempt >= self.retries):
                     raise
@@ -238,7 +242,7 @@ class Client:
         try:
             return self.submit(KIND_LANES[plan.kind], plan.kind, piece.wire,
                                normalize=normalize, dtype=dtype, input_type=input_type,
-                               dimensions=dimensions, priority=priority)
+                               dimensions=dimensions, priority=priority, ticket=piece.ticket)
         except EngineUnavailable as exc:
             plan.failed(piece, exc, time.monotonic())
             return None
@@ -269,13 +273,17 @@ class Client:
     def submit(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool = True,
                dtype: str = "f32", input_type: str | None = None,
                dimensions: int | None = None, priority: str | None = None,
-               timeout: float | None = None) -> Pending:
-        """Send an embed request without waiting; collect it with :meth:`result`."""
+               timeout: float | None = None, ticket: int | None = None) -> Pending:
+        """Send an embed request without waiting; collect it with :meth:`result`.
+
+        ``ticket``: 0 to be refused with a ticket, or the ticket of an earlier 429 of this
+        request (it keeps its place among requests refused before it; docs/protocol.md).
+        """
         t_out = self.timeout if timeout is None else timeout
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
                               timeout_s=t_out, input_type=input_type, dimensions=dimensions,
-                              priority=priority)
+                              priority=priority, ticket=ticket)
         pending = Pending(rid, frames, time.monotonic() + t_out)
         self._send(pending)
         return pending

@@ -88,10 +88,12 @@ def test_admission_honours_the_limit_and_never_the_announced_credits_past() -> N
         state.complete(b"a", req.token, now)
     assert e.control.limit == 32 and e.withheld == 224
     first = state.dispatch(state.admit("text", 30, now), 30, now + 60, now)
-    with pytest.raises(Overloaded, match="adaptive limit 32"):
-        state.admit("text", 8, now)  # 2 left under the limit, though 226 are announced free
-    state.admit("text", 2, now)
+    with pytest.raises(Overloaded, match="adaptive limit 32") as refused:
+        state.admit("text", 8, now, ticket=0)  # 2 left under the limit, 226 announced free
     state.complete(b"a", first.token, now + 0.01)
+    late = state.dispatch(state.admit("text", 8, now + 0.01, ticket=refused.value.ticket), 8,
+                          now + 60, now + 0.01)
+    state.complete(b"a", late.token, now + 0.02)
     # Fast again, and busy: the limit climbs back to what the engine announced, no further.
     now += 0.01
     for _ in range(400):

@@ -34,10 +34,18 @@ def header(**kw: Any) -> dict[str, Any]:
 
 
 def test_defaults() -> None:
-    lane, kind, norm, dtype, deadline, n, itype, dims, prio = parse_embed_header(
+    lane, kind, norm, dtype, deadline, n, itype, dims, prio, ticket = parse_embed_header(
         header(), LANES, LIMITS)
-    assert (lane, kind, norm, dtype, deadline, n, itype, dims, prio) == (
-        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None, "interactive")
+    assert (lane, kind, norm, dtype, deadline, n, itype, dims, prio, ticket) == (
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None, "interactive", None)
+
+
+def test_ticket() -> None:
+    assert parse_embed_header(header(ticket=0), LANES, LIMITS).ticket == 0
+    assert parse_embed_header(header(ticket=2**48 - 1), LANES, LIMITS).ticket == 2**48 - 1
+    for bad in (-1, "7", 1.5, True):
+        with pytest.raises(BadRequest, match="ticket"):
+            parse_embed_header(header(ticket=bad), LANES, LIMITS)
 
 
 @pytest.mark.parametrize(("fields", "priority"), [
@@ -260,13 +268,13 @@ def test_wrong_item_types_are_named_in_msgpack_terms() -> None:
 # -- nil is "absent" for every optional field; required fields still need a value ------------
 
 OPTIONAL = ["lane", "kind", "normalize", "dtype", "deadline_ms", "input_type", "dimensions",
-            "priority"]
+            "priority", "ticket"]
 
 
 def test_nil_optional_fields_take_their_defaults() -> None:
     h = header(**{name: None for name in OPTIONAL})
     assert parse_embed_header(h, LANES, LIMITS) == (
-        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None, "interactive")
+        "text", "text", True, "f32", p.DEFAULT_DEADLINE_MS, 2, None, None, "interactive", None)
 
 
 def test_unpack_header_drops_nil_values() -> None:

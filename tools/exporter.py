@@ -197,6 +197,15 @@ def lane_families(lanes: dict[str, Any]) -> Iterator[Metric]:
                        "(interactive, bulk).", ["lane", "class"],
                        [([lane, c], v.get(outcome, 0)) for lane, row in lanes.items()
                         for c, v in (row.get("classes") or {}).items()])
+    lines = [(lane, c, v) for lane, row in lanes.items()
+             for c, v in (row.get("retry_lines") or {}).items()]
+    yield _gauge("zembed_retry_line_waiting", "Tickets of refused requests waiting for their "
+                 "retry, by class.", ["lane", "class"],
+                 [([lane, c], v.get("waiting", 0)) for lane, c, v in lines])
+    for outcome, what in (("served", "admitted on a retry"),
+                          ("expired", "dropped: the request did not come back in time")):
+        yield _counter(f"zembed_retry_tickets_{outcome}", f"Tickets {what}, by class.",
+                       ["lane", "class"], [([lane, c], v.get(outcome, 0)) for lane, c, v in lines])
     yield _gauge("zembed_lane_bulk_reserve", "Credits of the lane kept from bulk requests.",
                  ["lane"], per_lane("bulk_reserve"))
     yield _counter("zembed_received_bytes", "Bytes of embed requests (header and body).",

@@ -7,6 +7,8 @@ zembed raises with ``except ZembedError``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from zembed import protocol as p
 
 
@@ -48,9 +50,13 @@ class Overloaded(ZembedError):
 
     status = p.OVERLOADED
 
-    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+    def __init__(self, message: str, *, retry_after: float = 0.0,
+                 ticket: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: The broker's ticket for this refusal: sent with the retry, it keeps the request's
+        #: place among those refused before it (docs/protocol.md).
+        self.ticket = ticket
 
     def __repr__(self) -> str:
         return f"Overloaded({self.message!r}, retry_after={self.retry_after})"
@@ -95,9 +101,12 @@ ERROR_BY_STATUS: dict[int, type[ZembedError]] = {
 }
 
 
-def error_for(status: int, message: str, retry_after_ms: int | None = None) -> ZembedError:
+def error_for(status: int, message: str, retry_after_ms: int | None = None,
+              ticket: Any = None) -> ZembedError:
     """Build the typed error for a non-200 reply status."""
     if status == p.OVERLOADED:
-        return Overloaded(message, retry_after=(retry_after_ms or 0) / 1000.0)
+        valid = isinstance(ticket, int) and not isinstance(ticket, bool) and ticket >= 0
+        return Overloaded(message, retry_after=(retry_after_ms or 0) / 1000.0,
+                          ticket=ticket if valid else None)
     cls = ERROR_BY_STATUS.get(status, ZembedError)
     return cls(message, status=status)

@@ -244,6 +244,7 @@ class EmbedHeader(NamedTuple):
     input_type: str | None
     dimensions: int | None
     priority: str = p.PRIORITY_INTERACTIVE
+    ticket: int | None = None
 
 
 _PROMPT_NAME = re.compile(f"[{p.INPUT_TYPE_CHARS}]{{1,{p.MAX_INPUT_TYPE_CHARS}}}")
@@ -285,6 +286,15 @@ def parse_priority(header: dict[str, Any], input_type: str | None) -> str:
     return priority
 
 
+def parse_ticket(header: dict[str, Any]) -> int | None:
+    """``ticket``: 0 (refuse me with a ticket: I will retry), a ticket a 429 gave this
+    request, or absent (no ticket wanted)."""
+    ticket: int | None = _field(header, "ticket", int, None)
+    if ticket is not None and not 0 <= ticket <= _U64_MAX:
+        raise BadRequest(f"ticket must be 0 or a ticket from a 429 reply, got {ticket}")
+    return ticket
+
+
 def parse_dimensions(header: dict[str, Any]) -> int | None:
     """``dimensions``: a positive int or absent; the lane's dim bounds it later (the broker)."""
     dimensions: int | None = _field(header, "dimensions", int, None)
@@ -320,7 +330,8 @@ def parse_embed_header(
         raise TooLarge(f"{n} items in one request, at most {limits.max_items} allowed")
     input_type = parse_input_type(header)
     return EmbedHeader(lane, kind, normalize, dtype, deadline_ms, n, input_type,
-                       parse_dimensions(header), parse_priority(header, input_type))
+                       parse_dimensions(header), parse_priority(header, input_type),
+                       parse_ticket(header))
 
 
 def parse_items(body: bytes | memoryview, kind: str, n: int, limits: Limits) -> list[Any]:
@@ -387,6 +398,7 @@ def reply_header(
     shape: tuple[int, int] | None = None,
     cached: list[int] | None = None,
     item_errors: list[list[Any]] | None = None,
+    ticket: int | None = None,
 ) -> bytes:
     """Encode a broker -> client reply header (absent fields are omitted, not null)."""
     h: dict[str, Any] = {"id": rid, "status": status}
@@ -394,6 +406,8 @@ def reply_header(
         h["error"] = error
     if retry_after_ms is not None:
         h["retry_after_ms"] = retry_after_ms
+    if ticket is not None:
+        h["ticket"] = ticket
     if dtype is not None:
         h["dtype"] = dtype
         h["shape"] = list(shape or (0, 0))
