@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Stack
 
 from zembed.broker.adaptive import AimdLimit, parse_targets
 from zembed.broker.state import BrokerState
+from zembed.client import Client
 from zembed.errors import Overloaded
 
 
@@ -153,3 +159,101 @@ def test_floor_from_the_broker_option() -> None:
     state = adaptive(adaptive_min_credits=8)
     e = state.register(b"a", ready(64, 32), 0.0)
     assert e.control is not None and e.control.floor == 8
+
+
+# -- over real processes: a broker with a latency target and a MiniLM engine ----------------
+
+
+def _load(stack: Stack, stop: threading.Event, errors: list[BaseException], who: int) -> None:
+    """A closed-loop client of 8 distinct texts per request that honours retry_after."""
+    with stack.client(timeout=60, retries=None) as c:
+        i = 0
+        while not stop.is_set():
+            try:
+                c.embed_texts([f"client {who} request {i} item {k}" for k in range(8)])
+            except BaseException as exc:  # the test fails on any error
+                errors.append(exc)
+                return
+            i += 1
+
+
+def _engine(c: Client) -> dict[str, Any]:
+    engine: dict[str, Any] = c.stats(timeout=5)["lanes"]["text"]["engines"][0]
+    return engine
+
+
+def _watch(c: Client, seconds: float, seen: list[dict[str, Any]]) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        seen.append(_engine(c))
+        time.sleep(0.1)
+
+
+def test_adaptive_credits_follow_a_slowed_engine_and_recover(
+        stack_factory: Callable[[], Stack], tmp_path: Path) -> None:
+    """Slowed (each batch sleeps 3x the target), the limit falls to the floor (the engine's
+    batch); fast again, it climbs back; it never passes what the engine announced."""
+    delay = tmp_path / "delay-ms"
+    delay.write_text("0")
+    stack = stack_factory()
+    stack.start_broker("--latency-target-ms", "text=200", "--heartbeat-interval-ms", "1000")
+    stack.engine = stack.start_text("--credits", "32", "--max-batch", "8",
+                                    "--batch-delay-file", str(delay),
+                                    "--heartbeat-interval-ms", "1000")
+    stack.wait_engines("text", 1)
+    stop, errors = threading.Event(), []
+    workers = [threading.Thread(target=_load, args=(stack, stop, errors, i)) for i in range(5)]
+    slow: list[dict[str, Any]] = []
+    fast: list[dict[str, Any]] = []
+    with stack.client(timeout=10) as c:
+        first = _engine(c)
+        assert first["adaptive"]["limit"] == 32 and first["adaptive"]["floor"] == 8
+        assert c.info()["lanes"]["text"]["latency_target_ms"] == 200.0
+        for w in workers:
+            w.start()
+        try:
+            delay.write_text("600")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (not slow or slow[-1]["credits_limit"] > 8):
+                _watch(c, 0.5, slow)
+            delay.write_text("0")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and (not fast or fast[-1]["credits_limit"] < 16):
+                _watch(c, 0.5, fast)
+        finally:
+            delay.write_text("0")
+            stop.set()
+            for w in workers:
+                w.join(timeout=60)
+    assert not errors, errors[:3]
+    assert not any(w.is_alive() for w in workers)
+    assert min(e["credits_limit"] for e in slow) == 8, [e["credits_limit"] for e in slow]
+    assert slow[-1]["adaptive"]["cuts"] >= 2 and slow[-1]["adaptive"]["late"] > 0
+    assert fast[-1]["credits_limit"] >= 16, [e["credits_limit"] for e in fast]
+    for e in slow + fast:  # never past what the engine announced
+        assert e["credits_limit"] <= e["credits_total"] == 32
+        assert e["items_in_flight"] <= 32
+
+
+def test_retrying_clients_take_turns(stack_factory: Callable[[], Stack]) -> None:
+    """Eight clients x 8 items on 16 credits: every request is answered, refused ones come
+    back with their tickets and are admitted on them."""
+    stack = stack_factory()
+    stack.start_broker("--heartbeat-interval-ms", "1000")
+    stack.engine = stack.start_text("--credits", "16", "--max-batch", "8",
+                                    "--heartbeat-interval-ms", "1000")
+    stack.wait_engines("text", 1)
+    stop, errors = threading.Event(), []
+    workers = [threading.Thread(target=_load, args=(stack, stop, errors, i)) for i in range(8)]
+    for w in workers:
+        w.start()
+    time.sleep(4)
+    stop.set()
+    for w in workers:
+        w.join(timeout=60)
+    assert not errors, errors[:3]
+    with stack.client(timeout=10) as c:
+        lane = c.stats(timeout=5)["lanes"]["text"]
+    line = lane["retry_lines"]["interactive"]
+    assert lane["classes"]["interactive"]["refused"] > 0
+    assert line["served"] > 0, line
