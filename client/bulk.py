@@ -99,7 +99,8 @@ class Sizing:
             raise UnknownLane(f"the broker serves no lane for kind {kind!r} ({sorted(lanes)})")
         max_items = int(limits.get("max_items", PROVISIONAL_ITEMS))
         largest = int(lane.get("max_request_items") or 0)
-        credits = int(lane.get("credits_total") or 0)
+        # Adaptive credits: the broker's current limits, not what the engines announced.
+        credits = int(lane.get("credits_limit") or lane.get("credits_total") or 0)
         if bulk and "bulk_max_request_items" in lane:
             largest = int(lane.get("bulk_max_request_items") or 0)
             credits = int(lane.get("bulk_credits") or 0)
