@@ -37,6 +37,9 @@ ALL_CORES_FACTOR = 1.25
 #: :data:`MIN_TIMED_S`, so a 2 ms pass is not judged on one timer reading.
 MIN_PASSES = 2
 MIN_TIMED_S = 0.05
+#: Sizes always measured before stopping early: one disturbed pass at batch 1 (another process
+#: busy for a moment) must not end the curve there and size the engine to batch 1.
+MIN_POINTS = 3
 #: Largest batch measured: a CPU's curve is flat long before 256; a GPU's rises further.
 MAX_SIZE = {"cpu": 256, "cuda": 1024}
 #: Warm-up never spends more than this measuring one curve, whatever the machine (a slow CPU
@@ -87,6 +90,8 @@ class Sizing:
     credits: int
     latency_target_ms: float
     auto: list[str] = field(default_factory=list)
+    #: How long measuring took (the log says it; warm-up time is start-up time), s.
+    measure_s: float = 0.0
 
     @property
     def chosen(self) -> Point:
@@ -105,10 +110,10 @@ class Sizing:
     def describe(self) -> str:
         """One log line: the choice, then the curve as ``batch:ms/items-per-s``."""
         curve = " ".join(f"{pt.batch}:{pt.ms:.0f}ms/{pt.items_per_s:.0f}/s" for pt in self.curve)
-        auto = ", ".join(self.auto) or "nothing"
+        auto = f"auto: {', '.join(self.auto)}" if self.auto else "all fixed"
         return (f"sized: batch {self.max_batch}, {self.credits} credits, {self.threads} "
-                f"thread(s), target {self.latency_target_ms:g} ms (chosen: {auto}); "
-                f"curve {curve}")
+                f"thread(s), target {self.latency_target_ms:g} ms ({auto}; measured in "
+                f"{self.measure_s:.1f}s); curve {curve}")
 
 
 def candidate_sizes(device_type: str, cap: int = 0) -> list[int]:
@@ -141,8 +146,9 @@ def measure_curve(run_pass: Callable[[int], None], sizes: list[int], budget_s: f
     Each size gets one untimed pass (new shapes cost allocations and kernel selection), then at
     least :data:`MIN_PASSES` timed passes and enough to take :data:`MIN_TIMED_S`; a size's time
     is the median pass. Measuring stops after the first size whose pass took more than twice
-    ``budget_s`` (the pass budget): bigger batches only take longer, and none of them could be
-    chosen. It also stops once ``time_cap_s`` has been spent, so warm-up stays bounded.
+    ``budget_s`` (the pass budget), once :data:`MIN_POINTS` sizes are measured: bigger batches
+    only take longer, and none of them could be chosen. It also stops once ``time_cap_s`` has
+    been spent, so warm-up stays bounded.
     """
     curve: list[Point] = []
     start = clock()
@@ -161,7 +167,8 @@ def measure_curve(run_pass: Callable[[int], None], sizes: list[int], budget_s: f
                 break  # far over budget: one timed pass says enough, and it is an expensive one
         per_pass = statistics.median(times)
         curve.append(Point(n, per_pass * 1000, n / per_pass if per_pass > 0 else float("inf")))
-        if per_pass > 2 * budget_s or clock() - start > time_cap_s:
+        too_slow = per_pass > 2 * budget_s and len(curve) >= MIN_POINTS
+        if too_slow or clock() - start > time_cap_s:
             break
     return curve
 
@@ -202,6 +209,7 @@ def size_engine(run_pass: Callable[[int], None], plan: Plan, device_type: str,
     ``threads`` and ``max_batch`` are automatic and all cores differ from ``threads_now``;
     ``set_threads`` is then left at the count chosen.
     """
+    started = clock()
     budget_s = plan.pass_budget_ms / 1000
     auto = [name for name, value in (("max_batch", plan.max_batch), ("credits", plan.credits),
                                      ("threads", plan.threads)) if value == 0]
@@ -228,4 +236,5 @@ def size_engine(run_pass: Callable[[int], None], plan: Plan, device_type: str,
                 set_threads(threads_now)
         batch = point.batch
     credits = plan.credits if plan.credits > 0 else 2 * batch
-    return Sizing(curve, threads, batch, credits, plan.latency_target_ms, auto)
+    return Sizing(curve, threads, batch, credits, plan.latency_target_ms, auto,
+                  measure_s=clock() - started)

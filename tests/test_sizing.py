@@ -93,11 +93,13 @@ def test_measure_curve_times_each_size_and_stops_past_twice_the_budget() -> None
     assert 128 not in m.passes
 
 
-def test_measure_curve_stops_after_the_first_size_when_it_is_already_too_slow() -> None:
+def test_measure_curve_stops_early_when_even_small_batches_are_too_slow() -> None:
     m = FakeMachine(fixed_ms=900, per_item_ms=1)
     curve = measure_curve(m.run_pass, SIZES, budget_s=0.1, clock=m.clock)
-    assert [pt.batch for pt in curve] == [1]
-    assert m.passes == [1, 1]  # far over budget: one untimed and one timed pass
+    # Three sizes at least (one slow moment at batch 1 must not decide), then stop.
+    assert [pt.batch for pt in curve] == [1, 2, 4]
+    assert m.passes == [1, 1, 2, 2, 4, 4]  # far over budget: one untimed, one timed pass each
+    assert choose(curve, 100).batch == 1  # nothing fits: the smallest
 
 
 def test_measure_curve_real_clock_stays_short() -> None:
@@ -143,6 +145,8 @@ def test_fixed_sizes_are_kept_and_only_a_short_curve_is_measured() -> None:
     assert (sizing.max_batch, sizing.credits, sizing.auto) == (32, 64, [])
     assert [pt.batch for pt in sizing.curve] == short_sizes(32) == [1, 4, 16, 32]
     assert sizing.chosen.batch == 32
+    assert sizing.describe().startswith("sized: batch 32, 64 credits, 1 thread(s), target 200 ms "
+                                        "(all fixed; measured in ")
     # max_batch fixed, credits auto: twice the operator's batch, which is measured.
     sizing = size_engine(m.run_pass, Plan(max_batch=12, threads=1), "cpu", m.set_threads,
                          threads_now=1, all_cores=2, clock=m.clock)
