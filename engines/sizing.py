@@ -11,8 +11,10 @@ So the engine measures its own throughput curve (items/s against batch size) and
 - **credits**: twice the batch (double buffering: the next batch queues while one runs).
 - **threads** (only when the operator left both ``threads`` and ``max_batch`` automatic): the
   available cores less one, unless the curve with every core is at least 1.25x faster. The core
-  left free runs the socket thread, the broker and clients; measured on 2 cores, taking it cost
-  more than it gave (engines/devices.py).
+  left free runs the socket thread, the broker and clients. Which way it goes depends on the
+  machine, hence a measured rule: on one 2-core machine every core cost more than it gave for
+  1-item requests (engines/devices.py); on another, both cores served 1.8x the items/s of one
+  (benchmarks/README.md, bench_sizing).
 
 Nothing here imports torch: the model hands in a ``run_pass(n)`` that runs one forward pass of
 ``n`` items and a ``set_threads`` callback, so the rule is unit-testable with a fake clock.
