@@ -15,6 +15,10 @@ from zembed.security import client_keys
 
 log = logging.getLogger("zembed.engine")
 
+#: The floor of automatic credits by engine kind: two typical client requests (32 texts, or
+#: 8 images) must fit, whatever the machine measured (engines/sizing.py).
+MIN_CREDITS = {"text": 64, "image": 16}
+
 
 def _settings(cfg: TextEngineConfig | ImageEngineConfig) -> RuntimeSettings:
     client_keys(cfg.curve_secret_key, cfg.curve_server_key)  # bad key files fail before loading
@@ -35,7 +39,8 @@ def _plan(cfg: TextEngineConfig | ImageEngineConfig) -> Plan:
     if cfg.latency_target_ms <= 0:
         raise ValueError("--latency-target-ms must be more than 0")
     return Plan(max_batch=cfg.max_batch, credits=cfg.credits, threads=cfg.threads,
-                latency_target_ms=cfg.latency_target_ms)
+                latency_target_ms=cfg.latency_target_ms,
+                min_credits=MIN_CREDITS[type(cfg).section])
 
 
 def _sized(kind: str, facts: dict[str, Any], dim: int, t0: float, sizing: Sizing,

@@ -8,7 +8,15 @@ So the engine measures its own throughput curve (items/s against batch size) and
   whose forward pass fits the *pass budget*, half the latency target. A request admitted while
   a pass runs waits at most for that pass, then for its own, so two passes must fit the
   target. Past the knee of the curve a bigger batch buys no throughput, only latency.
-- **credits**: twice the batch (double buffering: the next batch queues while one runs).
+- **credits**: the most of three: twice the batch (double buffering: the next batch queues
+  while one runs); what the engine completes in one latency target at that batch (Little's
+  law: that much in flight waits about one target); and a floor per model kind (64 texts, 16
+  images) that keeps two typical client requests admissible. Twice the batch alone was
+  measured to halve served items/s (bench_sizing: a batch of 16 and 32 credits let one
+  32-item request in at a time, and the engine idled between a reply and the next admission;
+  129 items/s against 244 with 64 credits), and sized an image engine to 2 credits, so that a
+  request of 3 images was a 413. Credits are the ceiling the broker's adaptive limit moves
+  under, when the lane has a latency target, so erring high costs little there.
 - **threads** (only when the operator left both ``threads`` and ``max_batch`` automatic): the
   available cores less one, unless the curve with every core is at least 1.25x faster. The core
   left free runs the socket thread, the broker and clients. Which way it goes depends on the
@@ -63,7 +71,7 @@ class Plan:
     """What the operator fixed and what warm-up is to choose (0 = choose it).
 
     :param max_batch: items per forward pass; 0 = sized from the curve.
-    :param credits: items in flight; 0 = twice the batch.
+    :param credits: items in flight; 0 = :func:`auto_credits`.
     :param threads: torch threads; 0 = cores - 1, or all cores when measured worth it.
     :param latency_target_ms: what a request should wait at most; a pass gets half.
     :param max_size: largest batch the model can take in one pass (a text model's token
@@ -75,6 +83,7 @@ class Plan:
     threads: int = 0
     latency_target_ms: float = 200.0
     max_size: int = 0
+    min_credits: int = 1  # the floor of automatic credits (64 for text, 16 for images)
 
     @property
     def pass_budget_ms(self) -> float:
@@ -191,6 +200,13 @@ def choose(curve: list[Point], pass_budget_ms: float, near: float = NEAR) -> Poi
     return min((pt for pt in feasible if pt.items_per_s >= near * best), key=lambda pt: pt.batch)
 
 
+def auto_credits(point: Point, latency_target_ms: float, floor: int) -> int:
+    """Credits for an engine whose chosen batch is ``point``: twice the batch, what it
+    completes in one latency target, or ``floor``, whichever is most (see the module doc)."""
+    in_target = int(point.items_per_s * latency_target_ms / 1000)
+    return max(2 * point.batch, in_target, floor)
+
+
 def keep_all_cores(fewer: Point, all_cores: Point, factor: float = ALL_CORES_FACTOR) -> bool:
     """Whether the choice with every core beats the one with a core left free by ``factor``.
 
@@ -237,6 +253,8 @@ def size_engine(run_pass: Callable[[int], None], plan: Plan, device_type: str,
             else:
                 set_threads(threads_now)
         batch = point.batch
-    credits = plan.credits if plan.credits > 0 else 2 * batch
+    chosen = next((pt for pt in curve if pt.batch == batch), curve[-1])
+    credits = plan.credits if plan.credits > 0 else auto_credits(
+        chosen, plan.latency_target_ms, plan.min_credits)
     return Sizing(curve, threads, batch, credits, plan.latency_target_ms, auto,
                   measure_s=clock() - started)

@@ -13,6 +13,7 @@ from conftest import Stack
 from zembed.engines.sizing import (
     Plan,
     Point,
+    auto_credits,
     candidate_sizes,
     choose,
     keep_all_cores,
@@ -125,7 +126,8 @@ def test_size_engine_measures_all_cores_only_when_threads_are_auto(
     sizing = size_engine(m.run_pass, Plan(latency_target_ms=200), "cpu", m.set_threads,
                          threads_now=1, all_cores=2, clock=m.clock)
     assert sizing.threads == expected and m.threads == expected
-    assert sizing.credits == 2 * sizing.max_batch
+    assert sizing.credits == auto_credits(sizing.chosen, 200, 1)
+    assert sizing.credits >= 2 * sizing.max_batch
     assert sizing.auto == ["max_batch", "credits", "threads"]
     assert sizing.max_batch in [pt.batch for pt in sizing.curve]
     ready = sizing.to_ready()
@@ -147,11 +149,23 @@ def test_fixed_sizes_are_kept_and_only_a_short_curve_is_measured() -> None:
     assert sizing.chosen.batch == 32
     assert sizing.describe().startswith("sized: batch 32, 64 credits, 1 thread(s), target 200 ms "
                                         "(all fixed; measured in ")
-    # max_batch fixed, credits auto: twice the operator's batch, which is measured.
-    sizing = size_engine(m.run_pass, Plan(max_batch=12, threads=1), "cpu", m.set_threads,
-                         threads_now=1, all_cores=2, clock=m.clock)
-    assert (sizing.max_batch, sizing.credits, sizing.auto) == (12, 24, ["credits"])
+    # max_batch fixed, credits auto: from the operator's batch, which is measured.
+    sizing = size_engine(m.run_pass, Plan(max_batch=12, threads=1, min_credits=4), "cpu",
+                         m.set_threads, threads_now=1, all_cores=2, clock=m.clock)
+    assert (sizing.max_batch, sizing.auto) == (12, ["credits"])
+    assert sizing.credits == auto_credits(sizing.chosen, 200, 4)
     assert [pt.batch for pt in sizing.curve] == [1, 2, 4, 8, 12]
+    floored = size_engine(m.run_pass, Plan(max_batch=12, threads=1, min_credits=64), "cpu",
+                          m.set_threads, threads_now=1, all_cores=2, clock=m.clock)
+    assert floored.credits == 64
+
+
+def test_auto_credits_is_the_most_of_double_buffering_little_and_the_floor() -> None:
+    assert auto_credits(Point(16, 60, 250), 200, 64) == 64  # the floor: two 32-text requests
+    assert auto_credits(Point(16, 60, 250), 1000, 64) == 250  # one target's worth in flight
+    assert auto_credits(Point(128, 20, 6400), 100, 64) == 640  # a GPU: Little's law
+    assert auto_credits(Point(1, 138, 7), 200, 16) == 16  # a slow image engine keeps 16
+    assert auto_credits(Point(64, 10, 100), 100, 1) == 128  # twice the batch
 
 
 def test_candidate_sizes() -> None:
@@ -175,7 +189,7 @@ def test_a_real_text_engine_sizes_itself_and_announces_it(
         info = c.info(timeout=5)["lanes"]["text"]
         engine = c.stats(timeout=5)["lanes"]["text"]["engines"][0]
     max_batch = info["max_batch"]
-    assert engine["credits_total"] == 2 * max_batch
+    assert engine["credits_total"] >= max(64, 2 * max_batch)
     assert engine["warmup_items_per_s"] > 0
     sizing = engine.get("sizing")
     assert sizing is not None, "the broker's stats do not show the engine's READY sizing"
@@ -183,7 +197,7 @@ def test_a_real_text_engine_sizes_itself_and_announces_it(
     batches = [row[0] for row in curve]
     assert curve and batches == sorted(batches) and len(set(batches)) == len(batches)
     assert max_batch in batches and sizing["max_batch"] == max_batch
-    assert sizing["credits"] == 2 * max_batch and sizing["threads"] == 1
+    assert sizing["credits"] == engine["credits_total"] and sizing["threads"] == 1
     assert sizing["auto"] == ["max_batch", "credits"] and sizing["latency_target_ms"] == 200
     chosen = next(row for row in curve if row[0] == max_batch)
     assert chosen[1] <= 100 or max_batch == 1  # its pass fits half the target

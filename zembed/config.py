@@ -166,7 +166,7 @@ class TextEngineConfig:
     threads: int = _shared_opt("threads")
     credits: int = _opt(
         0, "Items this engine holds in flight (its admission budget; bounds queueing); "
-        "0 = sized at warm-up, twice the batch, items."
+        "0 = sized at warm-up (twice the batch, one latency target's worth, or 64), items."
     )
     max_batch: int = _opt(
         0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
@@ -220,8 +220,8 @@ class ImageEngineConfig:
     dtype: str = _shared_opt("dtype")
     threads: int = _shared_opt("threads")
     credits: int = _opt(
-        0, "Items this engine holds in flight (its admission budget); 0 = sized at warm-up, "
-        "twice the batch, items."
+        0, "Items this engine holds in flight (its admission budget); 0 = sized at warm-up "
+        "(twice the batch, one latency target's worth, or 16), items."
     )
     max_batch: int = _opt(
         0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
