@@ -17,6 +17,10 @@ batch 32), each honouring ``retry_after`` with the SDK's jitter, with the broker
 tickets and without them (the same loop, never sending a ticket). Reported: p50, p99 and max
 of the time from a request's first attempt to its answer, and items/s.
 
+**fastpath** — time to 429 with the engine frozen (SIGSTOP) and its 64 credits held: 2,000
+one-item requests without a ticket, 2,000 asking for one (``ticket: 0``: each refusal adds a
+ticket to the line), and 2,000 ``ping`` round trips as the transport floor of the same run.
+
 Every load is bounded by ``--seconds`` and every process is stopped at the end. Usage::
 
     .venv/bin/python benchmarks/bench_admission.py [--seconds 10] [--target-ms 500]  # ~4 min
@@ -28,6 +32,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -162,23 +167,65 @@ def turns_part(stack: Stack, seconds: float) -> dict[str, Any]:
     return rows
 
 
+def fastpath(stack: Stack, count: int = 2000) -> dict[str, Any]:
+    """Time to 429 with and without tickets, and ping round trips, in ms (p50, p99)."""
+    stack.restart(64)
+    engine = stack.procs["text"]
+    out: dict[str, Any] = {}
+    with Client(stack.fe, timeout=30.0, retries=0) as c:
+        engine.send_signal(signal.SIGSTOP)
+        try:
+            held = c.submit(p.LANE_TEXT, p.KIND_TEXT, [f"hold {i}" for i in range(64)])
+            time.sleep(0.05)
+            for name, ticket in (("no ticket", None), ("ticket 0", 0)):
+                lat = []
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    try:
+                        c.result(c.submit(p.LANE_TEXT, p.KIND_TEXT, ["refused"], ticket=ticket))
+                    except Overloaded:
+                        lat.append((time.perf_counter() - t0) * 1000)
+                out[name] = lat
+            pings = []
+            for _ in range(count):
+                t0 = time.perf_counter()
+                c.ping()
+                pings.append((time.perf_counter() - t0) * 1000)
+            out["ping"] = pings
+        finally:
+            engine.send_signal(signal.SIGCONT)
+        c.result(held)
+    return {k: {"n": len(v), "p50_ms": float(np.percentile(v, 50)),
+                "p99_ms": float(np.percentile(v, 99))} for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--target-ms", type=float, default=500.0,
                     help="The adaptive setting's latency target.")
-    ap.add_argument("--only", choices=("credits", "turns"), default=None)
+    ap.add_argument("--only", choices=("credits", "turns", "fastpath"), default=None)
     args = ap.parse_args()
     stack = Stack()
-    credits = turns = None
+    credits = turns = fast = None
     try:
-        if args.only != "turns":
+        if args.only in (None, "fastpath"):
+            fast = fastpath(stack)
+        if args.only in (None, "credits"):
             credits = credits_part(stack, args.seconds, args.target_ms)
-        if args.only != "credits":
+        if args.only in (None, "turns"):
             turns = turns_part(stack, args.seconds)
     finally:
         stack.close()
     print(f"machine: {machine()}; {args.seconds:g} s per phase; engine batch {BATCH}, 1 thread")
+    if fast is not None:
+        print("\ntime to 429, engine frozen, 64 credits held (client-measured):")
+        print("\n| request | n | p50 ms | p99 ms | p99 / ping p99 |")
+        print("|---|---|---|---|---|")
+        ping99 = fast["ping"]["p99_ms"]
+        for name, r in fast.items():
+            print(f"| {name} | {r['n']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                  f"{r['p99_ms'] / max(ping99, 1e-9):.2f} |")
     if credits is not None:
         cap = credits["capacity_items_per_s"]
         print(f"\ncapacity (closed loop, {ITEMS}-item requests, 64 credits): {cap:.0f} items/s;"
