@@ -23,7 +23,7 @@ ticket to the line), and 2,000 ``ping`` round trips as the transport floor of th
 
 Every load is bounded by ``--seconds`` and every process is stopped at the end. Usage::
 
-    .venv/bin/python benchmarks/bench_admission.py [--seconds 10] [--target-ms 500]  # ~4 min
+    .venv/bin/python benchmarks/bench_admission.py [--seconds 10] [--targets-ms 500,1000]
 """
 
 from __future__ import annotations
@@ -100,15 +100,16 @@ def overload(stack: Stack, rate: float, seconds: float) -> dict[str, Any]:
     return served
 
 
-def credits_part(stack: Stack, seconds: float, target_ms: float) -> dict[str, Any]:
+def credits_part(stack: Stack, seconds: float, targets_ms: list[float]) -> dict[str, Any]:
     stack.restart(64)
     spec = BenchSpec(items=ITEMS, concurrency=8, duration_s=seconds)
     capacity = float(Bench(stack.fe, spec, progress=False).run().summary()["items_per_s"])
     rate = 2 * capacity / ITEMS
     rows: dict[str, Any] = {}
-    for name, credits, target in (("fixed 16", 16, None), ("fixed 64", 64, None),
-                                  ("fixed 256", 256, None),
-                                  (f"adaptive, target {target_ms:g} ms", 256, target_ms)):
+    settings: list[tuple[str, int, float | None]] = [
+        ("fixed 16", 16, None), ("fixed 64", 64, None), ("fixed 256", 256, None)]
+    settings += [(f"adaptive (ceiling 256), target {t:g} ms", 256, t) for t in targets_ms]
+    for name, credits, target in settings:
         stack.restart(credits, target)
         rows[name] = overload(stack, rate, seconds)
         print(f"credits: {name} done", file=sys.stderr, flush=True)
@@ -202,8 +203,8 @@ def fastpath(stack: Stack, count: int = 2000) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--target-ms", type=float, default=500.0,
-                    help="The adaptive setting's latency target.")
+    ap.add_argument("--targets-ms", default="500,1000",
+                    help="The adaptive settings' latency targets, comma-separated.")
     ap.add_argument("--only", choices=("credits", "turns", "fastpath"), default=None)
     args = ap.parse_args()
     stack = Stack()
@@ -212,7 +213,8 @@ def main() -> None:
         if args.only in (None, "fastpath"):
             fast = fastpath(stack)
         if args.only in (None, "credits"):
-            credits = credits_part(stack, args.seconds, args.target_ms)
+            credits = credits_part(stack, args.seconds,
+                                   [float(t) for t in args.targets_ms.split(",")])
         if args.only in (None, "turns"):
             turns = turns_part(stack, args.seconds)
     finally:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zembed import protocol as p
-from zembed.broker.adaptive import AimdLimit
+from zembed.broker.adaptive import AimdLimit, for_engine
 from zembed.broker.metrics import Histogram, LatencyWindow
 from zembed.broker.turns import RetryLine
 from zembed.errors import BadRequest, EngineUnavailable, Overloaded, TooLarge, UnknownLane
@@ -242,8 +242,8 @@ class BrokerState:
         engine.expires_at = now + engine.expiry_s
         target = self.latency_targets.get(lane)
         if target is not None:
-            engine.control = AimdLimit(target, self.adaptive_min_credits or max_batch, credits,
-                                       step=max_batch)
+            engine.control = for_engine(target, self.adaptive_min_credits, credits, max_batch)
+            engine.withheld = credits - engine.control.limit
         self.engines[identity] = engine
         peers.append(engine)
         self.stats[lane].engines_registered += 1
