@@ -16,7 +16,7 @@ before request classes), in one run:
 Queries are sent by a client that never retries, so every refusal shows. Every load is
 bounded by ``--seconds`` and every process is stopped at the end. Usage::
 
-    .venv/bin/python benchmarks/bench_priority.py [--seconds 10] [--qps 10]   # ~3 min
+    .venv/bin/python benchmarks/bench_priority.py [--seconds 10] [--qps 10] [--target-ms 300]
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ class Stack(Children):
         super().__init__("bench_priority.")
         self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
 
-    def start_broker(self, reserve: float) -> None:
+    def start_broker(self, reserve: float, target_ms: float | None = None) -> None:
+        extra = ["--latency-target-ms", f"text={target_ms:g}"] if target_ms else []
         self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
                    "--stats-endpoint", self.st, "--lanes", "text", "--cache", "off",
-                   "--bulk-reserve", str(reserve))
+                   "--bulk-reserve", str(reserve), *extra)
 
 
 def queries(endpoint: str, qps: float, seconds: float) -> dict[str, Any]:
@@ -91,9 +92,10 @@ def flood(endpoint: str, rate: float, seconds: float) -> subprocess.Popen[str]:
          "--json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-def one_setting(stack: Stack, reserve: float, seconds: float, qps: float) -> dict[str, Any]:
+def one_setting(stack: Stack, reserve: float, seconds: float, qps: float,
+                target_ms: float | None = None) -> dict[str, Any]:
     stack.stop("broker")
-    stack.start_broker(reserve)
+    stack.start_broker(reserve, target_ms)
     stack.wait_ready(stack.fe)
     out: dict[str, Any] = {"idle": queries(stack.fe, qps, seconds)}
     spec = BenchSpec(items=BULK_ITEMS, concurrency=8, duration_s=seconds, priority="bulk")
@@ -116,18 +118,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--qps", type=float, default=10.0, help="Queries per second.")
+    ap.add_argument("--target-ms", type=float, default=0.0,
+                    help="Also run classes with adaptive credits at this latency target.")
     args = ap.parse_args()
     stack = Stack()
-    results: dict[float, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    settings: list[tuple[str, float, float | None]] = [
+        ("0.25 (classes)", 0.25, None), ("0 (one pool)", 0.0, None)]
+    if args.target_ms:
+        settings.insert(1, (f"0.25 (classes), adaptive {args.target_ms:g} ms", 0.25,
+                            args.target_ms))
     try:
         stack.start_broker(0.25)
         stack.spawn("text", "start", "text", "--broker", stack.be)
         stack.wait_ready(stack.fe)
         Bench(stack.fe, BenchSpec(items=8, concurrency=8, duration_s=2.0),
               progress=False).run()  # warm-up
-        for reserve in (0.25, 0.0):
-            results[reserve] = one_setting(stack, reserve, args.seconds, args.qps)
-            print(f"reserve {reserve}: done", file=sys.stderr, flush=True)
+        for name, reserve, target in settings:
+            results[name] = one_setting(stack, reserve, args.seconds, args.qps, target)
+            print(f"{name}: done", file=sys.stderr, flush=True)
     finally:
         stack.close()
     print(f"machine: {machine()}; {args.qps:g} queries/s, "
@@ -135,8 +144,7 @@ def main() -> None:
     print("\n| bulk reserve | load | capacity items/s | query p50 ms | query p99 ms | "
           "queries refused | bulk 429 % | goodput / capacity |")
     print("|---|---|---|---|---|---|---|---|")
-    for reserve, r in results.items():
-        name = f"{reserve:g}" + (" (classes)" if reserve else " (one pool)")
+    for name, r in results.items():
         idle = r["idle"]
         print(f"| {name} | idle | {r['capacity_items_per_s']:.0f} | {idle['p50_ms']:.1f} | "
               f"{idle['p99_ms']:.1f} | {idle['refused']}/{idle['answered'] + idle['refused']} "

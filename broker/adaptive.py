@@ -19,8 +19,10 @@ from TCP congestion control that this setting needs:
   limit: an engine slowed 5x comes down in two or three round trips, not twenty.
 
 Growth is a quarter of an engine batch per round trip (``step x n / limit`` per completed
-request of ``n`` items), and only while the engine is at least half used, so an idle lane does
-not grow a limit it never tested. A whole batch per round trip overshot: on a CPU engine whose
+request of ``n`` items), and only while the limit is wanted: the engine is at least half used,
+or a request was refused for want of credits under the limit since the last reply (with a bulk
+reserve, bulk work alone may never fill half the limit, yet it is refused by it). An idle lane
+does not grow a limit it never tested. A whole batch per round trip overshot: on a CPU engine whose
 feasible limit was about 40 items, it added 32 per round trip and held accepted p99 at 2.5x a
 500 ms target. The limit starts at two batches, not at what the engine announced (starting
 there made the first seconds of an overload wait behind 256 items), and stays within
@@ -59,6 +61,7 @@ class AimdLimit:
     cuts: int = 0
     late: int = 0  # samples over the target
     samples: int = 0
+    wanted: bool = False  # a request was refused under this limit since the last reply
 
     def __post_init__(self) -> None:
         self.floor = max(1, min(self.floor, self.ceiling))
@@ -88,8 +91,9 @@ class AimdLimit:
             self.value = max(float(self.floor), self.value * ratio)
             self.cut_at = now
             self.cuts += 1
-        elif (used + n) * 2 >= self.value:
+        elif self.wanted or (used + n) * 2 >= self.value:
             self.value = min(float(self.ceiling), self.value + self.step * n / self.value)
+        self.wanted = False
         return int(self.value) != before
 
     def view(self) -> dict[str, float | int]:

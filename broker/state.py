@@ -340,6 +340,8 @@ class BrokerState:
                 + (" for bulk requests" if bulk else "") + "); split it"
             )
         free = best.credits_free - best.withheld
+        if best.control is not None and best.withheld:
+            best.control.wanted = True  # refused under the limit: it may grow
         retry_s = self.retry_after_ms(lane, n + keep(best) + best.withheld, now) / 1000
         ahead = line.ahead(ticket)
         if ahead:

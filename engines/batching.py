@@ -48,6 +48,8 @@ class JobQueue:
         self._interactive: deque[Job] = deque()
         self._bulk: deque[Job] = deque()
         self._cond = threading.Condition()
+        #: When the last interactive job arrived (time.monotonic()); -inf: never.
+        self.last_interactive = float("-inf")
 
     def __len__(self) -> int:
         return len(self._interactive) + len(self._bulk)
@@ -55,7 +57,11 @@ class JobQueue:
     def put(self, job: Job) -> None:
         """Queue a job and wake the inference thread."""
         with self._cond:
-            (self._bulk if job.bulk else self._interactive).append(job)
+            if job.bulk:
+                self._bulk.append(job)
+            else:
+                self._interactive.append(job)
+                self.last_interactive = time.monotonic()
             self._cond.notify()
 
     def take_batch(self, max_items: int, timeout_s: float, max_wait_s: float = 0.0) -> list[Job]:
@@ -74,17 +80,17 @@ class JobQueue:
                     left = fill_by - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
                         break
-            queue = self._interactive or self._bulk
-            first = queue.popleft()
-            batch = [first]
-            items, kind = len(first.items), first.kind
-            while queue and queue[0].kind == kind:
-                if items + len(queue[0].items) > max_items:
-                    break
-                job = queue.popleft()
-                items += len(job.items)
-                batch.append(job)
-            return batch
+            return _pop(self._interactive or self._bulk, max_items)
+
+    def take_interactive(self, max_items: int) -> list[Job]:
+        """Interactive jobs of one kind, up to ``max_items`` items, at once ([] if none):
+        what the inference thread runs between the passes of a bulk batch."""
+        with self._cond:
+            return _pop(self._interactive, max_items) if self._interactive else []
+
+    def queries_within(self, seconds: float) -> bool:
+        """Whether an interactive job arrived in the last ``seconds``."""
+        return time.monotonic() - self.last_interactive < seconds
 
     def _queued_items(self) -> int:
         return sum(len(j.items) for q in (self._interactive, self._bulk) for j in q)
@@ -99,3 +105,18 @@ class JobQueue:
                 queue.clear()
                 queue.extend(keep)
             return dropped
+
+
+def _pop(queue: deque[Job], max_items: int) -> list[Job]:
+    """The first job of a non-empty ``queue`` and the ones after it of the same kind, in
+    order, while they fit ``max_items`` items (a bigger first job goes alone)."""
+    first = queue.popleft()
+    batch = [first]
+    items, kind = len(first.items), first.kind
+    while queue and queue[0].kind == kind:
+        if items + len(queue[0].items) > max_items:
+            break
+        job = queue.popleft()
+        items += len(job.items)
+        batch.append(job)
+    return batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +87,14 @@ class BatchRunner:
         self.batches = 0
         self.items = 0
 
-    def run(self, batch: list[Job], now: float) -> list[Outcome]:
-        """Outcomes for every job: 504 if expired, 500 if the model failed, else vectors."""
+    def run(self, batch: list[Job], now: float, *, pass_items: int = 0,
+            between: Callable[[], None] | None = None) -> list[Outcome]:
+        """Outcomes for every job: 504 if expired, 500 if the model failed, else vectors.
+
+        ``pass_items``: most inputs per forward pass for this batch (0: ``max_batch``).
+        ``between``: called between two passes of this batch (the runtime runs waiting
+        queries there, so a query waits for one short pass rather than a whole bulk batch).
+        """
         outcomes = [Outcome(j, p.DEADLINE_EXCEEDED, error="deadline passed")
                     for j in batch if j.deadline <= now]
         live = [j for j in batch if j.deadline > now]
@@ -95,7 +102,8 @@ class BatchRunner:
             return outcomes
         try:
             prepared = [self._prepared(job) for job in live]
-            vectors = self._forward(live[0].kind, prepared)
+            vectors = self._forward(live[0].kind, prepared, pass_items or self.max_batch,
+                                    between)
         except Exception as exc:  # a model failure fails this batch, never the engine
             log.exception("batch of %d job(s) failed", len(live))
             return outcomes + [Outcome(j, p.ENGINE_ERROR, error=f"engine error: {exc}")
@@ -125,14 +133,19 @@ class BatchRunner:
             return job.prepared.result()
         return self.model.prepare(job.kind, job.items, job.input_type)
 
-    def _forward(self, kind: str, prepared: list[list[Any]]) -> npt.NDArray[np.float32]:
-        """All good inputs, sorted by cost to cut padding, in passes of bounded size and cost."""
+    def _forward(self, kind: str, prepared: list[list[Any]], max_batch: int,
+                 between: Callable[[], None] | None = None) -> npt.NDArray[np.float32]:
+        """All good inputs, sorted by cost to cut padding, in passes of bounded size and cost
+        (``between`` runs before every pass but the first)."""
         inputs = [x for job_inputs in prepared for x in job_inputs]
         out = np.zeros((len(inputs), self.model.dim), dtype=np.float32)
         cost = self.model.cost
         good = sorted((i for i, x in enumerate(inputs) if not isinstance(x, ItemError)),
                       key=lambda i: cost(inputs[i]))
-        for part in chunks([cost(inputs[i]) for i in good], self.max_batch, self.max_tokens):
+        for n, part in enumerate(chunks([cost(inputs[i]) for i in good], max_batch,
+                                        self.max_tokens)):
+            if n and between is not None:
+                between()
             idx = good[part]
             out[idx] = self.model.forward(kind, [inputs[i] for i in idx])
         return out

@@ -20,6 +20,7 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,9 @@ from zembed.security import arm_client
 log = logging.getLogger("zembed.engine")
 
 _GEN = struct.Struct("<Q")
+#: Bulk batches run in half-size passes, with queries let in between, while an interactive
+#: job arrived within this many seconds (otherwise at full size: nothing to make room for).
+QUERIES_RECENT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -247,25 +251,40 @@ class EngineRuntime:
     def _infer_loop(self) -> None:
         out = self.ctx.socket(zmq.PAIR)
         out.connect(self._pipe_addr)
+
+        def queries_first() -> None:
+            """Between two passes of a bulk batch: run every query waiting, reply at once."""
+            while batch := self.jobs.take_interactive(self.s.max_batch):
+                for frames in self.run_batch(batch):
+                    out.send_multipart(frames, copy=False)
+
         try:
             while not self._stop.is_set():
                 batch = self.jobs.take_batch(self.s.max_batch, 0.1, self.s.max_wait_ms / 1000)
                 if batch:
-                    for frames in self.run_batch(batch):
+                    split = batch[0].bulk and self.jobs.queries_within(QUERIES_RECENT_S)
+                    for frames in self.run_batch(batch, queries_first if split else None):
                         out.send_multipart(frames, copy=False)
         finally:
             out.close(linger=0)
 
-    def run_batch(self, batch: list[Job]) -> list[list[Any]]:
-        """Embed one batch; return pipe messages ``[generation, REPLY, header, body]``."""
+    def run_batch(self, batch: list[Job],
+                  between: Callable[[], None] | None = None) -> list[list[Any]]:
+        """Embed one batch; return pipe messages ``[generation, REPLY, header, body]``.
+
+        With ``between`` (a bulk batch while queries come in), the batch runs in passes of
+        half the batch and ``between`` runs before each pass after the first: a query then
+        waits for one half-size pass, not a whole bulk batch (docs/architecture.md).
+        """
         now = time.monotonic()
-        self.busy_since = now
+        outer, self.busy_since = self.busy_since, now
         try:
             if self.s.batch_delay_file:
                 time.sleep(batch_delay_s(self.s.batch_delay_file))
-            outcomes = self.runner.run(batch, now)
+            pass_items = max(1, self.s.max_batch // 2) if between is not None else 0
+            outcomes = self.runner.run(batch, now, pass_items=pass_items, between=between)
         finally:
-            self.busy_since = None
+            self.busy_since = outer  # a query run between passes hands the bulk batch back
         return [self._reply(o) for o in outcomes]
 
     def _reply(self, o: Outcome) -> list[Any]:

@@ -258,3 +258,13 @@ def test_retrying_clients_take_turns(stack_factory: Callable[[], Stack]) -> None
     line = lane["retry_lines"]["interactive"]
     assert lane["classes"]["interactive"]["refused"] > 0
     assert line["served"] > 0, line
+
+
+def test_a_refusal_under_the_limit_lets_it_grow() -> None:
+    """Bulk work kept off the reserve never fills half the limit, yet the limit refuses it."""
+    lim = AimdLimit(1.0, floor=8, ceiling=256, step=8, value=64)
+    lim.sample(0.01, 16, 0.0, used=0, now=0.01)  # 16 of 64 in use: not wanted
+    assert lim.limit == 64
+    lim.wanted = True
+    lim.sample(0.01, 16, 0.0, used=0, now=0.02)
+    assert lim.limit == 66 and not lim.wanted

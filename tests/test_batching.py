@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 from zembed.engines.batching import Job, JobQueue
 
@@ -83,3 +84,56 @@ def test_interactive_jobs_go_first_in_batches_of_their_own() -> None:
     q.put(job(12, 1, gen=0))
     assert q.drop_generation_before(1) == 1 and len(q) == 1
     assert [j.token for j in q.take_batch(12, 0.1)] == [3]
+
+
+def test_take_interactive_and_recent_queries() -> None:
+    q = JobQueue()
+    assert not q.queries_within(1.0) and q.take_interactive(8) == []
+    bulk = job(1, 8)
+    bulk.bulk = True
+    q.put(bulk)
+    assert not q.queries_within(1.0) and q.take_interactive(8) == []  # bulk does not count
+    q.put(job(2, 3))
+    q.put(job(3, 3))
+    q.put(job(4, 3))
+    assert q.queries_within(1.0) and not q.queries_within(0.0)
+    assert [j.token for j in q.take_interactive(6)] == [2, 3]
+    assert [j.token for j in q.take_interactive(6)] == [4]
+    assert q.take_interactive(6) == [] and len(q) == 1
+
+
+class PassModel:
+    """A model that records its passes (a unit test of the runner, not an engine)."""
+
+    lane, kinds, dim, prepare_workers, normalizes = "text", frozenset({"text"}), 2, 0, False
+
+    def __init__(self) -> None:
+        self.passes: list[int] = []
+
+    def prepare(self, kind: str, items: list[Any], input_type: str | None) -> list[Any]:
+        return list(items)
+
+    def cost(self, prepared: Any) -> int:
+        return 1
+
+    def forward(self, kind: str, inputs: list[Any]) -> Any:
+        import numpy as np
+
+        self.passes.append(len(inputs))
+        return np.ones((len(inputs), 2), dtype=np.float32)
+
+
+def test_a_split_batch_lets_queries_run_between_its_passes() -> None:
+    from zembed.engines.compute import BatchRunner
+
+    model = PassModel()
+    runner = BatchRunner(model, max_batch=8)  # type: ignore[arg-type]
+    between: list[int] = []
+    bulk = job(1, 8)
+    out = runner.run([bulk], time.monotonic() + 0, pass_items=3,
+                     between=lambda: between.append(len(model.passes)))
+    assert model.passes == [3, 3, 2] and between == [1, 2]  # before every pass but the first
+    assert out[0].status == 200 and out[0].n == 8
+    model.passes.clear()
+    runner.run([job(2, 8)], time.monotonic())
+    assert model.passes == [8]  # not split: one pass of max_batch
