@@ -229,7 +229,7 @@ def test_adaptive_credits_follow_a_slowed_engine_and_recover(
     assert not errors, errors[:3]
     assert not any(w.is_alive() for w in workers)
     assert min(e["credits_limit"] for e in slow) == 8, [e["credits_limit"] for e in slow]
-    assert slow[-1]["adaptive"]["cuts"] >= 2 and slow[-1]["adaptive"]["late"] > 0
+    assert slow[-1]["adaptive"]["cuts"] >= 1 and slow[-1]["adaptive"]["late"] > 0
     assert fast[-1]["credits_limit"] >= 16, [e["credits_limit"] for e in fast]
     for e in slow + fast:  # never past what the engine announced
         assert e["credits_limit"] <= e["credits_total"] == 32
