@@ -50,7 +50,8 @@ def _sized(kind: str, facts: dict[str, Any], dim: int, t0: float, sizing: Sizing
              kind, facts["model"], facts["device"], facts["dtype"], dim,
              time.perf_counter() - t0, sizing.chosen.items_per_s, sizing.max_batch)
     log.info("%s", sizing.describe())
-    return replace(settings, credits=sizing.credits, max_batch=sizing.max_batch)
+    return replace(settings, credits=sizing.credits, max_batch=sizing.max_batch,
+                   max_tokens=sizing.max_batch_tokens)
 
 
 def serve_text(cfg: TextEngineConfig) -> None:

@@ -103,6 +103,8 @@ class Sizing:
     auto: list[str] = field(default_factory=list)
     #: How long measuring took (the log says it; warm-up time is start-up time), s.
     measure_s: float = 0.0
+    #: Text engines: most padded tokens in one pass (0: no limit; see :func:`token_budget`).
+    max_batch_tokens: int = 0
 
     @property
     def chosen(self) -> Point:
@@ -116,13 +118,15 @@ class Sizing:
         return {"curve": [[pt.batch, round(pt.ms, 2), round(pt.items_per_s, 1)]
                           for pt in self.curve],
                 "threads": self.threads, "max_batch": self.max_batch, "credits": self.credits,
-                "latency_target_ms": self.latency_target_ms, "auto": list(self.auto)}
+                "latency_target_ms": self.latency_target_ms, "auto": list(self.auto),
+                "max_batch_tokens": self.max_batch_tokens}
 
     def describe(self) -> str:
         """One log line: the choice, then the curve as ``batch:ms/items-per-s``."""
         curve = " ".join(f"{pt.batch}:{pt.ms:.0f}ms/{pt.items_per_s:.0f}/s" for pt in self.curve)
         auto = f"auto: {', '.join(self.auto)}" if self.auto else "all fixed"
-        return (f"sized: batch {self.max_batch}, {self.credits} credits, {self.threads} "
+        tokens = f", {self.max_batch_tokens} tokens a pass" if self.max_batch_tokens else ""
+        return (f"sized: batch {self.max_batch}{tokens}, {self.credits} credits, {self.threads} "
                 f"thread(s), target {self.latency_target_ms:g} ms ({auto}; measured in "
                 f"{self.measure_s:.1f}s); curve {curve}")
 
@@ -205,6 +209,16 @@ def auto_credits(point: Point, latency_target_ms: float, floor: int) -> int:
     completes in one latency target, or ``floor``, whichever is most (see the module doc)."""
     in_target = int(point.items_per_s * latency_target_ms / 1000)
     return max(2 * point.batch, in_target, floor)
+
+
+def token_budget(tokens_per_s: float, pass_budget_ms: float, max_batch: int,
+                 width: int) -> int:
+    """``max_batch_tokens`` for a text engine: the padded tokens a pass of long texts (each
+    ``width`` tokens, measured at ``tokens_per_s``) gets through in the pass budget, rounded
+    down to a multiple of 8; at least 32 per item of the batch, so that passes of short texts
+    (search queries) are never cut by it, and at least one long text."""
+    budget = int(tokens_per_s * pass_budget_ms / 1000) // 8 * 8
+    return max(budget, 32 * max_batch, width)
 
 
 def keep_all_cores(fewer: Point, all_cores: Point, factor: float = ALL_CORES_FACTOR) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from zembed.engines.devices import (
 )
 from zembed.engines.filehash import digests
 from zembed.engines.model import ItemError
-from zembed.engines.sizing import Plan, Sizing, size_engine
+from zembed.engines.sizing import Plan, Sizing, size_engine, token_budget
 from zembed.engines.stmodules import PostModules
 from zembed.engines.stpipeline import DOCUMENT_PROMPTS, read_pipeline
 
@@ -50,6 +51,8 @@ BUCKET_TOKENS = 8
 WARMUP_TEXT = "A short product title with a few words, about as long as a search query."
 #: The batch-invariance check's probe texts: this word repeated, for widths from 8 to 104 tokens.
 WARMUP_WORD = "shoes"
+#: Width of the long texts the token budget is measured on (a document's chunk), tokens.
+LONG_TOKENS = 256
 INVARIANCE_PROBE_WORDS = (4, 12, 20, 44, 100)
 #: ``--dimensions``: whether a request may ask for a Matryoshka prefix.
 DIMENSIONS_CHOICES = ("auto", "on", "off")
@@ -354,10 +357,35 @@ class TextModel:
 
         sizing = size_engine(run_pass, plan, self.device.type, torch.set_num_threads,
                              torch.get_num_threads(), available_cores())
+        if self.max_batch_tokens < 0:
+            self.max_batch_tokens = self.size_token_budget(sizing.max_batch,
+                                                           plan.pass_budget_ms)
+            sizing = replace(sizing, auto=[*sizing.auto, "max_batch_tokens"])
+        sizing = replace(sizing, max_batch_tokens=self.max_batch_tokens)
         if self.batch_invariant:
             self.batch_invariant_holds = self.check_batch_invariance(sizing.max_batch)
         return sizing, {"warmup_items_per_s": round(sizing.chosen.items_per_s, 1),
                         "sizing": sizing.to_ready()}
+
+    def size_token_budget(self, max_batch: int, pass_budget_ms: float) -> int:
+        """``max_batch_tokens`` from a measured pass of long texts (:func:`token_budget`).
+
+        The batch was sized on query-length texts; a batch of long documents costs far more per
+        pass (attention grows with the square of the width), so without a token budget of its
+        own a pass of 16 texts of 256 tokens would blow the latency target that the batch of
+        16 queries fits. Measured at 256 tokens (or the model's limit, if shorter) with a few
+        texts per pass, so the budget errs on the safe side for the widths in between.
+        """
+        width = self.padded_length(min(LONG_TOKENS, self.max_length))
+        ids = self.prepare(p.KIND_TEXT, [" ".join([WARMUP_WORD] * width)], None)[0]
+        ids = ids[: width - 1] + ids[-1:] if len(ids) > width else ids
+        rows = max(1, min(max_batch, 4))
+        self._pass([ids] * rows, width)
+        start = time.perf_counter()
+        for _ in range(2):
+            self._pass([ids] * rows, width)
+        tokens_per_s = 2 * rows * width / max(time.perf_counter() - start, 1e-9)
+        return token_budget(tokens_per_s, pass_budget_ms, max_batch, width)
 
     def check_batch_invariance(self, max_batch: int) -> bool:
         """Measure whether an input's vector keeps its bits in a pass of any row count.

@@ -128,7 +128,8 @@ class Stack:
         proc = spawn("text", ["start", "text", "--broker", self.backend,
                               "--heartbeat-interval-ms", str(HEARTBEAT_MS), "--threads", "1",
                               # the sizes tests were written for; a later flag wins (click)
-                              "--credits", "64", "--max-batch", "32", *args])
+                              "--credits", "64", "--max-batch", "32",
+                              "--max-batch-tokens", "8192", *args])
         self.procs.append(proc)
         return proc
 

@@ -20,6 +20,7 @@ from zembed.engines.sizing import (
     measure_curve,
     short_sizes,
     size_engine,
+    token_budget,
 )
 
 
@@ -168,6 +169,13 @@ def test_auto_credits_is_the_most_of_double_buffering_little_and_the_floor() -> 
     assert auto_credits(Point(64, 10, 100), 100, 1) == 128  # twice the batch
 
 
+def test_token_budget() -> None:
+    assert token_budget(2000.0, 100, 16, 256) == 512  # 200 tokens/pass < 32 per item of 16
+    assert token_budget(100_000.0, 100, 16, 256) == 10_000  # a fast engine: what fits
+    assert token_budget(100.0, 50, 1, 512) == 512  # at least one long text
+    assert token_budget(12_345.0, 100, 1, 8) % 8 == 0
+
+
 def test_candidate_sizes() -> None:
     assert candidate_sizes("cpu") == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert candidate_sizes("cuda")[-1] == 1024
@@ -183,6 +191,7 @@ def test_a_real_text_engine_sizes_itself_and_announces_it(
     stack = stack_factory()
     stack.start_broker()
     stack.start_text("--credits", "0", "--max-batch", "0", "--threads", "1",
+                     "--max-batch-tokens", "-1",
                      "--latency-target-ms", "200")
     stack.wait_engines("text", 1)
     with stack.client() as c:
@@ -198,7 +207,10 @@ def test_a_real_text_engine_sizes_itself_and_announces_it(
     assert curve and batches == sorted(batches) and len(set(batches)) == len(batches)
     assert max_batch in batches and sizing["max_batch"] == max_batch
     assert sizing["credits"] == engine["credits_total"] and sizing["threads"] == 1
-    assert sizing["auto"] == ["max_batch", "credits"] and sizing["latency_target_ms"] == 200
+    assert sizing["auto"] == ["max_batch", "credits", "max_batch_tokens"]
+    assert sizing["latency_target_ms"] == 200
+    # The token budget, measured on long texts, never cuts a pass of short queries.
+    assert sizing["max_batch_tokens"] >= 32 * max_batch and sizing["max_batch_tokens"] % 8 == 0
     chosen = next(row for row in curve if row[0] == max_batch)
     assert chosen[1] <= 100 or max_batch == 1  # its pass fits half the target
     assert engine["warmup_items_per_s"] == pytest.approx(chosen[2], rel=0.01)

@@ -112,10 +112,11 @@ def test_batch_invariant_is_announced_and_shares_the_fingerprint(base: TextModel
 
 def test_warmup_measures_whether_batch_invariance_holds_here() -> None:
     """The check runs at warm-up only in the invariant mode, and READY's facts carry its answer."""
-    model = TextModel(TextEngineConfig(threads=1))
+    model = TextModel(TextEngineConfig(threads=1, max_batch_tokens=4096))
     assert model.describe()["batch_invariant_holds"] is None  # not measured yet
     sizing, ready = model.warmup(Plan(max_batch=8, credits=16, threads=1))
     assert (sizing.max_batch, sizing.credits, sizing.auto) == (8, 16, [])  # fixed: kept
+    assert sizing.max_batch_tokens == 4096 and ready["sizing"]["max_batch_tokens"] == 4096
     assert ready["sizing"]["curve"][-1][0] == 8 and ready["warmup_items_per_s"] > 0
     holds = model.describe()["batch_invariant_holds"]
     assert holds is model.check_batch_invariance(8) and holds in (True, False)

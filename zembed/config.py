@@ -175,7 +175,9 @@ class TextEngineConfig:
     latency_target_ms: float = _shared_opt("latency_target_ms")
     batch_delay_file: str = _shared_opt("batch_delay_file")
     max_batch_tokens: int = _opt(
-        8192, "Most tokens in one forward pass after padding (items x longest); 0 = no limit."
+        -1, "Most tokens in one forward pass after padding (items x longest); -1 = sized at "
+        "warm-up (what a pass of long texts gets through in half of latency_target_ms, at "
+        "least 32 per item of the batch); 0 = no limit."
     )
     max_wait_ms: float = _shared_opt("max_wait_ms")
     max_length: int = _opt(0, "Truncate inputs to this many tokens; 0 = the model's own limit.")
