@@ -39,6 +39,10 @@ _SHARED_OPTS: dict[str, tuple[Any, str]] = {
     "max_wait_ms": (
         0.0, "Extra wait for a batch to fill before the forward pass; 0 = take what is queued, ms."
     ),
+    "max_batch": (
+        0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
+        "curve and latency_target_ms, items."
+    ),
     "latency_target_ms": (
         200.0, "Latency a request should see when this engine is sized at warm-up (credits or "
         "max_batch 0): a forward pass may take at most half of it, ms."
@@ -168,10 +172,7 @@ class TextEngineConfig:
         0, "Items this engine holds in flight (its admission budget; bounds queueing); "
         "0 = sized at warm-up (twice the batch, one latency target's worth, or 64), items."
     )
-    max_batch: int = _opt(
-        0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
-        "curve and latency_target_ms, items."
-    )
+    max_batch: int = _shared_opt("max_batch")
     latency_target_ms: float = _shared_opt("latency_target_ms")
     batch_delay_file: str = _shared_opt("batch_delay_file")
     max_batch_tokens: int = _opt(
@@ -225,10 +226,7 @@ class ImageEngineConfig:
         0, "Items this engine holds in flight (its admission budget); 0 = sized at warm-up "
         "(twice the batch, one latency target's worth, or 16), items."
     )
-    max_batch: int = _opt(
-        0, "Most items in one forward pass; 0 = sized at warm-up from the measured throughput "
-        "curve and latency_target_ms, items."
-    )
+    max_batch: int = _shared_opt("max_batch")
     latency_target_ms: float = _shared_opt("latency_target_ms")
     batch_delay_file: str = _shared_opt("batch_delay_file")
     max_wait_ms: float = _shared_opt("max_wait_ms")
