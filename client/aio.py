@@ -52,11 +52,13 @@ BULK_TICK_S = 0.5
 class AsyncClient:
     """asyncio zembed client; the parameters mean what they mean for :class:`Client`."""
 
-    def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
+    def __init__(self, endpoint: str | Sequence[str] = p.DEFAULT_FRONTEND, *,
+                 timeout: float = 10.0,
                  retries: int | None = None, backoff: float = 0.05,
                  ctx: zmq.asyncio.Context | None = None, curve_secret_key: str = "",
                  curve_server_key: str = "") -> None:
-        self.endpoint = endpoint
+        self.endpoints = link.endpoints(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff

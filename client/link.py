@@ -8,8 +8,16 @@ second one is dropped (ids are matched once).
 
 ZeroMQ reconnects by itself and says nothing to the application; a socket monitor reports the
 drop (``EVENT_DISCONNECTED``) and every new connection (``EVENT_HANDSHAKE_SUCCEEDED``). A client
-has one endpoint, so one connection: a new one means the earlier one is gone, and what was
-sent on it is lost even if its drop was not seen in time (:class:`LinkEvents`). A broker
+has one connection per broker endpoint: a new one to an endpoint means the earlier one to it is
+gone, and what was sent on it is lost even if its drop was not seen in time (:class:`LinkEvents`).
+
+Several brokers (``Client("tcp://a:5555,tcp://b:5555")``): the one DEALER connects to each,
+and ZeroMQ deals requests round-robin over the connections that are up (``ZMQ_IMMEDIATE``: never
+to one that is not), which spreads the load and skips a broker that is down; a retried 429 goes
+to the next broker. This is the zguide's Freelance pattern in its simplest form (model one:
+the client talks to every server, and a lost request is sent again); a drop of any connection
+resubmits everything in flight, since a DEALER cannot tell which connection carried a request,
+and the answer that comes first wins. A broker
 process that dies has its connections closed by the kernel at once; ZMTP heartbeats
 (PING/PONG, RFC 37) turn a *silent* peer (host down, link cut) into a closed connection within
 ``HEARTBEAT_TIMEOUT_MS``, so that case is noticed too.
@@ -20,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
 import zmq
@@ -34,8 +43,20 @@ HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 
 
-def dial(sock: S, endpoint: str, curve_secret_key: str, curve_server_key: str) -> S:
-    """Configure and connect a client DEALER; returns its drop monitor (see open_monitor).
+def endpoints(spec: str | Sequence[str]) -> list[str]:
+    """Broker endpoints from one string (comma-separated) or a sequence of them, in order,
+    without repeats; ValueError when there is none."""
+    parts = spec.split(",") if isinstance(spec, str) else [e for s in spec for e in s.split(",")]
+    out = list(dict.fromkeys(p.strip() for p in parts if p.strip()))
+    if not out:
+        raise ValueError(f"no broker endpoint in {spec!r}")
+    return out
+
+
+def dial(sock: S, endpoint: str | Sequence[str], curve_secret_key: str,
+         curve_server_key: str) -> S:
+    """Configure and connect a client DEALER to every broker endpoint; returns its drop
+    monitor (see open_monitor).
 
     On any failure (bad keys, bad endpoint) the socket is closed before the error goes up, so
     a client that could not be built leaves no socket behind.
@@ -43,7 +64,8 @@ def dial(sock: S, endpoint: str, curve_secret_key: str, curve_server_key: str) -
     try:
         configure(sock, curve_secret_key, curve_server_key)
         monitor = open_monitor(sock)
-        sock.connect(endpoint)
+        for one in endpoints(endpoint):
+            sock.connect(one)
     except BaseException:
         sock.close(linger=0)
         raise
@@ -115,20 +137,26 @@ def timed_out(endpoint: str, *, reachable: bool) -> ZembedError:
 class LinkEvents:
     """Reads monitor messages as "what is in flight was lost": a drop, or a new connection.
 
-    The first connection is not a loss (nothing was sent before it). Every later one is: a
-    broker restarted under a CI load once came back without the client having acted on the
-    drop, and its request waited for an answer that could not come until the timeout.
+    The first connection to each endpoint is not a loss (nothing was sent on it before).
+    Every later one is: a broker restarted under a CI load once came back without the client
+    having acted on the drop, and its request waited for an answer that could not come until
+    the timeout.
     """
 
     def __init__(self) -> None:
         self.connections = 0
+        self._seen: set[Any] = set()  # endpoints that had a connection
 
     def lost(self, message: list[bytes]) -> bool:
         try:
-            event = parse_monitor_message(message)["event"]
+            parsed = parse_monitor_message(message)
+            event = parsed["event"]
         except Exception:  # a malformed monitor frame says nothing
             return False
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self.connections += 1
-            return self.connections > 1
+            endpoint = parsed.get("endpoint")
+            again = endpoint in self._seen
+            self._seen.add(endpoint)
+            return again
         return bool(event == zmq.EVENT_DISCONNECTED)

@@ -63,7 +63,9 @@ class Pending:
 class Client:
     """Synchronous zembed client.
 
-    :param endpoint: broker frontend, e.g. ``tcp://127.0.0.1:5555``.
+    :param endpoint: broker frontend, e.g. ``tcp://127.0.0.1:5555``; several brokers as a
+        list or one comma-separated string: requests are spread over those that are up, and
+        those lost with one are sent again to another (``client/link.py``).
     :param timeout: default deadline of each request in seconds: sent to the broker, which
         answers 504 when it passes, and the client never waits longer (``DeadlineExceeded``, or
         ``EngineUnavailable`` when no broker could be reached in that time). Requests lost with
@@ -77,11 +79,12 @@ class Client:
     :param curve_server_key: CurveZMQ: the broker's public ``.key`` file. Both or neither.
     """
 
-    def __init__(self, endpoint: str = p.DEFAULT_FRONTEND, *, timeout: float = 10.0,
-                 retries: int | None = None, backoff: float = 0.05,
+    def __init__(self, endpoint: str | Sequence[str] = p.DEFAULT_FRONTEND, *,
+                 timeout: float = 10.0, retries: int | None = None, backoff: float = 0.05,
                  ctx: zmq.Context[Any] | None = None, curve_secret_key: str = "",
                  curve_server_key: str = "") -> None:
-        self.endpoint = endpoint
+        self.endpoints = link.endpoints(endpoint)
+        self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff

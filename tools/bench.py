@@ -22,6 +22,7 @@ import zmq
 
 from zembed import protocol as p
 from zembed.client.codec import embed_frames, reply_id
+from zembed.client.link import endpoints
 from zembed.security import arm_client
 from zembed.tools.inputs import InputSource
 
@@ -140,7 +141,8 @@ class Bench:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         arm_client(sock, *self.curve)
-        sock.connect(self.endpoint)
+        for endpoint in endpoints(self.endpoint):  # several brokers: dealt round-robin
+            sock.connect(endpoint)
         try:
             self._loop(sock)
         finally:

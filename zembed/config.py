@@ -264,7 +264,10 @@ class ClientConfig:
 
     section: ClassVar[str] = "client"
 
-    endpoint: str = _opt(p.DEFAULT_FRONTEND, "Broker frontend endpoint to connect to.")
+    endpoint: str = _opt(
+        p.DEFAULT_FRONTEND, "Broker frontend endpoint to connect to; several brokers "
+        "comma-separated (requests are spread over those up, and fail over)."
+    )
     timeout_s: float = _opt(10.0, "Deadline of each request, s.")
     curve_secret_key: str = _shared_opt("curve_secret_key")
     curve_server_key: str = _shared_opt("curve_server_key")
@@ -279,7 +282,10 @@ class GatewayConfig:
 
     section: ClassVar[str] = "gateway"
 
-    broker: str = _opt(p.DEFAULT_FRONTEND, "Broker frontend endpoint each worker connects to.")
+    broker: str = _opt(
+        p.DEFAULT_FRONTEND, "Broker frontend endpoint each worker connects to; several brokers "
+        "comma-separated."
+    )
     listen: str = _opt("127.0.0.1:8080", "HOST:PORT the HTTP server binds (loopback by default).")
     workers: int = _opt(1, "Worker processes, each with its own broker connection.")
     timeout_s: float = _opt(

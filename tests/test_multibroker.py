@@ -1,0 +1,94 @@
+"""Clients with several brokers (issue 16, first part): spread over the ones up, fail over.
+
+Two brokers on loopback, each with its own MiniLM engine; one client given both endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import struct
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import zmq
+from conftest import Stack
+
+from zembed.client import AsyncClient, Client
+from zembed.client.link import LinkEvents, endpoints
+
+
+def event(kind: int, endpoint: bytes) -> list[bytes]:
+    """A socket monitor message as libzmq writes it (event, value; endpoint)."""
+    return [struct.pack("=hi", kind, 0), endpoint]
+
+
+def test_endpoints_from_a_string_or_a_list() -> None:
+    assert endpoints("tcp://a:1") == ["tcp://a:1"]
+    assert endpoints(" tcp://a:1, tcp://b:2 ,tcp://a:1") == ["tcp://a:1", "tcp://b:2"]
+    assert endpoints(["tcp://a:1", "tcp://b:2,tcp://c:3"]) == ["tcp://a:1", "tcp://b:2",
+                                                              "tcp://c:3"]
+    for empty in ("", " , ", []):
+        with pytest.raises(ValueError, match="no broker endpoint"):
+            endpoints(empty)
+
+
+def test_a_first_connection_to_each_broker_is_no_loss() -> None:
+    events = LinkEvents()
+    assert not events.lost(event(zmq.EVENT_HANDSHAKE_SUCCEEDED, b"tcp://a:1"))
+    assert not events.lost(event(zmq.EVENT_HANDSHAKE_SUCCEEDED, b"tcp://b:2"))
+    assert events.lost(event(zmq.EVENT_HANDSHAKE_SUCCEEDED, b"tcp://a:1"))  # a came back
+    assert events.lost(event(zmq.EVENT_DISCONNECTED, b"tcp://b:2"))
+    assert events.connections == 3
+
+
+@pytest.fixture
+def two(stack_factory: Callable[[], Stack]) -> tuple[Stack, Stack]:
+    stacks = []
+    for _ in range(2):
+        stack = stack_factory()
+        stack.start_broker("--heartbeat-interval-ms", "1000")
+        stack.engine = stack.start_text("--heartbeat-interval-ms", "1000")
+        stacks.append(stack)
+    for stack in stacks:
+        stack.wait_engines("text", 1)
+    return stacks[0], stacks[1]
+
+
+def served(stack: Stack) -> int:
+    with stack.client(timeout=5) as c:
+        return int(c.stats(timeout=5)["lanes"]["text"]["requests"]["200"])
+
+
+def test_requests_spread_over_brokers_and_survive_one_dying(two: tuple[Stack, Stack]) -> None:
+    a, b = two
+    with Client([a.frontend, b.frontend], timeout=30) as c:
+        assert c.endpoints == [a.frontend, b.frontend]
+        reference = c.embed_texts(["a red running shoe"])
+        for i in range(20):
+            assert c.embed_texts([f"spread {i}"]).shape == (1, 384)
+        assert served(a) >= 5 and served(b) >= 5  # round-robin over both brokers
+
+        async def spread_async() -> None:
+            async with AsyncClient(f"{a.frontend},{b.frontend}", timeout=30) as ac:
+                for i in range(10):
+                    assert (await ac.embed_texts([f"async {i}"])).shape == (1, 384)
+
+        before = served(a), served(b)
+        asyncio.run(spread_async())
+        assert served(a) >= before[0] + 3 and served(b) >= before[1] + 3
+        # Many requests in flight, then one broker is killed: every one is answered once.
+        # (48 items: what either broker's engine holds alone, so a resubmission fits.)
+        texts = [[f"failover {i} item {k}" for k in range(8)] for i in range(6)]
+        pending = [c.submit("text", "text", t) for t in texts]
+        assert a.broker is not None
+        a.broker.signal(signal.SIGKILL)
+        results = [c.result(p) for p in pending]
+        assert all(r.vectors.shape == (8, 384) for r in results)
+        assert c.resubmitted >= 1  # the killed broker's share was sent again to the other
+        # After the kill, the survivor serves everything, with the same vectors.
+        for i in range(10):
+            assert c.embed_texts([f"after {i}"]).shape == (1, 384)
+        assert np.allclose(c.embed_texts(["a red running shoe"]), reference, atol=1e-2)
+    assert served(b) >= 10 + 1
