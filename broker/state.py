@@ -62,6 +62,12 @@ class Engine:
     def __post_init__(self) -> None:
         self.credits_free = self.credits_total
 
+    @property
+    def credits_limit(self) -> int:
+        """Credits the broker lets this engine hold now: its adaptive limit, or all it
+        announced (views and refusals; admission subtracts ``withheld`` directly)."""
+        return self.credits_total - self.withheld
+
     def note_reply(self, header: dict[str, Any]) -> None:
         """Take the engine's batch counters from a REPLY header, where it sends them."""
         batches, items = header.get("batches"), header.get("batch_items")
@@ -295,7 +301,7 @@ class BrokerState:
 
         Rounded up, and never all of them: an engine of one credit keeps none back.
         """
-        limit = engine.credits_total - engine.withheld
+        limit = engine.credits_limit
         if self.bulk_reserve <= 0 or limit <= 1:
             return 0
         return min(limit - 1, math.ceil(limit * self.bulk_reserve))
@@ -354,7 +360,7 @@ class BrokerState:
                    f"requests, {n} needed)")
         else:
             why = (f"is out of credits ({max(0, free)} free"
-                   + (f" under the adaptive limit {best.credits_total - best.withheld}"
+                   + (f" under the adaptive limit {best.credits_limit}"
                       if best.control is not None else "") + f", {n} needed)")
         raise Overloaded(f"lane {lane!r} {why}", retry_after=retry_s, ticket=number)
 
@@ -511,7 +517,7 @@ class BrokerState:
             "batch_invariant_holds": e.info.get("batch_invariant_holds"),
             "warmup_items_per_s": e.info.get("warmup_items_per_s"),
             "credits_total": e.credits_total, "credits_free": e.credits_free,
-            "credits_limit": e.credits_total - e.withheld,
+            "credits_limit": e.credits_limit,
             "adaptive": e.control.view() if e.control is not None else None,
             "sizing": e.info.get("sizing"), "max_batch": e.max_batch,
             "items_in_flight": e.credits_total - e.credits_free,
@@ -530,7 +536,7 @@ class BrokerState:
             "engines": engines,
             "credits_total": sum(e.credits_total for e in peers),
             "credits_free": sum(e.credits_free for e in peers),
-            "credits_limit": sum(e.credits_total - e.withheld for e in peers),
+            "credits_limit": sum(e.credits_limit for e in peers),
             "latency_target_ms": self.target_ms(lane),
             "requests": {str(k): v for k, v in st.requests.items()},
             "items": {str(k): v for k, v in st.items.items()},
@@ -566,7 +572,7 @@ class BrokerState:
         live = [e for e in self.by_lane[lane] if self.is_live(e, now)]
         model = self.models.get(lane)
         biggest = max((e.credits_total for e in live), default=0)
-        bulk_biggest = max((e.credits_total - e.withheld - self.reserve(e) for e in live),
+        bulk_biggest = max((e.credits_limit - self.reserve(e) for e in live),
                            default=0)
         return {
             "ready": bool(live),
@@ -576,11 +582,11 @@ class BrokerState:
             "engines": len(live),
             "credits_total": sum(e.credits_total for e in live),
             "credits_free": sum(e.credits_free for e in live),
-            "credits_limit": sum(e.credits_total - e.withheld for e in live),
+            "credits_limit": sum(e.credits_limit for e in live),
             "latency_target_ms": self.target_ms(lane),
             "max_request_items": min(max_items, biggest),
             "bulk_max_request_items": min(max_items, bulk_biggest),
-            "bulk_credits": sum(e.credits_total - e.withheld - self.reserve(e) for e in live),
+            "bulk_credits": sum(e.credits_limit - self.reserve(e) for e in live),
             "max_batch": max((e.max_batch for e in live), default=0),
             "dimensions": model.dimensions if model else False,
             "prompts": sorted(model.prompts) if model else [],
