@@ -224,7 +224,6 @@ class ImageModel:
         t0 = time.perf_counter()
         images = self.prepare(p.KIND_IMAGE, [jpeg] * decoded, None)
         decode_s = time.perf_counter() - t0
-        self.forward(p.KIND_IMAGE, images[:1])
 
         def run_pass(n: int) -> None:
             self.forward(p.KIND_IMAGE, [images[0]] * n)

@@ -110,8 +110,7 @@ class Sizing:
     def chosen(self) -> Point:
         """The measured point at the chosen batch (the largest measured one below it if the
         operator's batch was not measured)."""
-        fits = [pt for pt in self.curve if pt.batch <= self.max_batch]
-        return fits[-1] if fits else self.curve[0]
+        return point_at(self.curve, self.max_batch)
 
     def to_ready(self) -> dict[str, Any]:
         """The msgpack-able ``sizing`` field of READY."""
@@ -129,6 +128,13 @@ class Sizing:
         return (f"sized: batch {self.max_batch}{tokens}, {self.credits} credits, {self.threads} "
                 f"thread(s), target {self.latency_target_ms:g} ms ({auto}; measured in "
                 f"{self.measure_s:.1f}s); curve {curve}")
+
+
+def point_at(curve: list[Point], batch: int) -> Point:
+    """The measured point of ``batch`` in an ascending curve, or the largest measured below
+    it (a curve that stopped early), or the first."""
+    fits = [pt for pt in curve if pt.batch <= batch]
+    return fits[-1] if fits else curve[0]
 
 
 def candidate_sizes(device_type: str, cap: int = 0) -> list[int]:
@@ -153,7 +159,7 @@ def short_sizes(max_batch: int) -> list[int]:
     return sorted({*sizes, max(1, max_batch)})
 
 
-def measure_curve(run_pass: Callable[[int], None], sizes: list[int], budget_s: float,
+def measure_curve(run_pass: Callable[[int], object], sizes: list[int], budget_s: float,
                   clock: Callable[[], float] = time.perf_counter,
                   time_cap_s: float = CURVE_TIME_CAP_S) -> list[Point]:
     """Time ``run_pass(n)`` for each size in ascending order.
@@ -267,8 +273,7 @@ def size_engine(run_pass: Callable[[int], None], plan: Plan, device_type: str,
             else:
                 set_threads(threads_now)
         batch = point.batch
-    chosen = next((pt for pt in curve if pt.batch == batch), curve[-1])
     credits = plan.credits if plan.credits > 0 else auto_credits(
-        chosen, plan.latency_target_ms, plan.min_credits)
+        point_at(curve, batch), plan.latency_target_ms, plan.min_credits)
     return Sizing(curve, threads, batch, credits, plan.latency_target_ms, auto,
                   measure_s=clock() - started)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from zembed.engines.devices import (
 )
 from zembed.engines.filehash import digests
 from zembed.engines.model import ItemError
-from zembed.engines.sizing import Plan, Sizing, size_engine, token_budget
+from zembed.engines.sizing import Plan, Sizing, measure_curve, size_engine, token_budget
 from zembed.engines.stmodules import PostModules
 from zembed.engines.stpipeline import DOCUMENT_PROMPTS, read_pipeline
 
@@ -350,9 +349,7 @@ class TextModel:
         if self.max_batch_tokens > 0:
             plan = replace(plan, max_size=max(1, self.max_batch_tokens //
                                               self.padded_length(len(ids))))
-        self.forward(p.KIND_TEXT, [ids])
-
-        def run_pass(n: int) -> None:
+        def run_pass(n: int) -> None:  # measure_curve makes an untimed pass of each size first
             self.forward(p.KIND_TEXT, [ids] * n)
 
         sizing = size_engine(run_pass, plan, self.device.type, torch.set_num_threads,
@@ -380,12 +377,9 @@ class TextModel:
         ids = self.prepare(p.KIND_TEXT, [" ".join([WARMUP_WORD] * width)], None)[0]
         ids = ids[: width - 1] + ids[-1:] if len(ids) > width else ids
         rows = max(1, min(max_batch, 4))
-        self._pass([ids] * rows, width)
-        start = time.perf_counter()
-        for _ in range(2):
-            self._pass([ids] * rows, width)
-        tokens_per_s = 2 * rows * width / max(time.perf_counter() - start, 1e-9)
-        return token_budget(tokens_per_s, pass_budget_ms, max_batch, width)
+        point = measure_curve(lambda n: self._pass([ids] * n, width), [rows],
+                              pass_budget_ms / 1000)[0]
+        return token_budget(point.items_per_s * width, pass_budget_ms, max_batch, width)
 
     def check_batch_invariance(self, max_batch: int) -> bool:
         """Measure whether an input's vector keeps its bits in a pass of any row count.
