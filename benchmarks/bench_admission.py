@@ -44,32 +44,28 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from stacks import Children, machine
+from stacks import TextLane, machine
 
 from zembed import protocol as p
 from zembed.client import Client
 from zembed.client.codec import retry_delay
 from zembed.errors import Overloaded
 from zembed.tools.bench import Bench, BenchSpec
-from zembed.tools.net import free_port
 
 ITEMS = 8
 BATCH = 32
 
 
-class Stack(Children):
+class Stack(TextLane):
     """A broker and one text engine, both restartable with other settings."""
 
     def __init__(self) -> None:
         super().__init__("bench_admission.")
-        self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
 
     def restart(self, credits: int, target_ms: float | None = None) -> None:
         self.stop("text")
         self.stop("broker")
-        extra = ["--latency-target-ms", f"text={target_ms:g}"] if target_ms else []
-        self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
-                   "--stats-endpoint", self.st, "--lanes", "text", "--cache", "off", *extra)
+        self.start_broker(target_ms=target_ms)
         self.spawn("text", "start", "text", "--broker", self.be, "--threads", "1",
                    "--credits", str(credits), "--max-batch", str(BATCH))
         self.wait_ready(self.fe)

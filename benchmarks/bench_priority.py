@@ -34,30 +34,22 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from stacks import Children, machine
+from stacks import TextLane, machine
 
 from zembed.client import Client
 from zembed.errors import Overloaded, ZembedError
 from zembed.tools.bench import Bench, BenchSpec
-from zembed.tools.net import free_port
 
 #: What embed_many sends under the default reserve (a bulk share of 48: 16-item requests,
 #: three in flight, pairing into full batches of 32).
 BULK_ITEMS = 16
 
 
-class Stack(Children):
+class Stack(TextLane):
     """A broker and one text engine; the broker can be restarted with another reserve."""
 
     def __init__(self) -> None:
         super().__init__("bench_priority.")
-        self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-
-    def start_broker(self, reserve: float, target_ms: float | None = None) -> None:
-        extra = ["--latency-target-ms", f"text={target_ms:g}"] if target_ms else []
-        self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
-                   "--stats-endpoint", self.st, "--lanes", "text", "--cache", "off",
-                   "--bulk-reserve", str(reserve), *extra)
 
 
 def queries(endpoint: str, qps: float, seconds: float) -> dict[str, Any]:
@@ -95,7 +87,7 @@ def flood(endpoint: str, rate: float, seconds: float) -> subprocess.Popen[str]:
 def one_setting(stack: Stack, reserve: float, seconds: float, qps: float,
                 target_ms: float | None = None) -> dict[str, Any]:
     stack.stop("broker")
-    stack.start_broker(reserve, target_ms)
+    stack.start_broker("--bulk-reserve", str(reserve), target_ms=target_ms)
     stack.wait_ready(stack.fe)
     out: dict[str, Any] = {"idle": queries(stack.fe, qps, seconds)}
     spec = BenchSpec(items=BULK_ITEMS, concurrency=8, duration_s=seconds, priority="bulk")
@@ -129,7 +121,7 @@ def main() -> None:
         settings.insert(1, (f"0.25 (classes), adaptive {args.target_ms:g} ms", 0.25,
                             args.target_ms))
     try:
-        stack.start_broker(0.25)
+        stack.start_broker("--bulk-reserve", "0.25")
         stack.spawn("text", "start", "text", "--broker", stack.be)
         stack.wait_ready(stack.fe)
         Bench(stack.fe, BenchSpec(items=8, concurrency=8, duration_s=2.0),

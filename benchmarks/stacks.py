@@ -90,6 +90,22 @@ class Children:
                 time.sleep(0.2)
 
 
+class TextLane(Children):
+    """A broker of the text lane alone (cache off, so every input reaches an engine) on free
+    loopback ports, for benchmarks that restart it and its engine with other settings."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix)
+        self.fe, self.be, self.st = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+
+    def start_broker(self, *args: str, target_ms: float | None = None) -> None:
+        """Spawn the broker with ``args`` (and ``--latency-target-ms text=…`` when given)."""
+        extra = ["--latency-target-ms", f"text={target_ms:g}"] if target_ms else []
+        self.spawn("broker", "start", "broker", "--frontend", self.fe, "--backend", self.be,
+                   "--stats-endpoint", self.st, "--lanes", "text", "--cache", "off", *args,
+                   *extra)
+
+
 @contextmanager
 def text_stack(text_config: str = "") -> Iterator[tuple[str, str]]:
     """Yield (frontend endpoint, config file) once ``zembed ready`` says yes.
