@@ -1,8 +1,8 @@
-"""The asyncio client: one DEALER socket read from the event loop, a future per request.
+"""The asyncio client: a DEALER per broker read from the event loop, a future per request.
 
 Safe to share between any number of coroutines of one event loop (not across loops/threads).
 
-The DEALER is a plain (non-blocking) pyzmq socket whose file descriptor the event loop
+Each DEALER is a plain (non-blocking) pyzmq socket whose file descriptor the event loop
 watches, not a ``zmq.asyncio`` socket: zmq.asyncio wraps every send and receive in a future
 and its own event bookkeeping, which measured 45 µs of client CPU per request against 25 µs
 this way (1-item requests, 64 in flight, all cache hits). The HTTP gateway sends every request
@@ -62,26 +62,34 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        # A plain socket in an asyncio context: its drop monitor (made from sock.context) is
-        # an asyncio socket, read by a task; the DEALER itself is read by the loop (above).
-        sock: zmq.Socket[bytes] = zmq.Socket(ctx or zmq.asyncio.Context.instance(), zmq.DEALER)
-        self._monitor: zmq.asyncio.Socket = cast(
-            zmq.asyncio.Socket, link.dial(sock, endpoint, curve_secret_key, curve_server_key))
-        self._link = link.LinkEvents()
-        self._sock: zmq.Socket[bytes] | None = sock
-        self._fd = cast(int, sock.getsockopt(zmq.FD))
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the socket
+        # Plain sockets (DEALERs and their drop monitors) in an asyncio context, read by the
+        # loop through their descriptors (above).
+        context = ctx or zmq.asyncio.Context.instance()
+
+        def make(kind: int) -> zmq.Socket[Any]:
+            return zmq.Socket(context, kind)
+
+        self._routes: link.Routes | None = link.Routes(self.endpoints, make, curve_secret_key,
+                                                       curve_server_key)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the sockets
+        self._fds: list[int] = []  # descriptors the loop watches
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}
         self._frames: dict[int, list[bytes]] = {}  # what to send again after a drop
         self._lost: set[int] = set()  # lost with a connection, not yet sent again
-        self._watcher: asyncio.Task[None] | None = None
+        self._resender: asyncio.Task[None] | None = None
         #: Requests sent again after a connection drop (observability, tests).
         self.resubmitted = 0
 
     @property
     def connected(self) -> bool:
-        """A connection to the broker is up now (a request sent now reaches it)."""
-        return self._sock is not None and bool(self._events() & zmq.POLLOUT)
+        """A connection to a broker is up now (a request sent now reaches one)."""
+        routes = self._routes
+        if routes is None:
+            return False
+        up = False
+        for route in routes.all:
+            up |= not route.events.down and bool(self._events(route) & zmq.POLLOUT)
+        return up
 
     async def embed_texts(self, texts: Sequence[str], *, normalize: bool = True,
                           dtype: str = "f32", input_type: str | None = None,
@@ -129,13 +137,17 @@ class AsyncClient:
         give_up = time.monotonic() + t_out
         attempt = 0
         ticket = first_ticket(self.retries)
+        refusals = link.Refusals()
         while True:
             try:
                 return await self._embed_once(lane, kind, items, normalize, dtype, input_type,
                                               max(give_up - time.monotonic(), 0.001),
-                                              dimensions, priority, ticket)
+                                              dimensions, priority, ticket, refusals)
             except ZembedError as exc:
                 ticket = kept_ticket(exc, ticket)
+                if (self.retries != 0 and self._routes is not None
+                        and time.monotonic() < give_up and refusals.elsewhere(exc, self._routes)):
+                    continue  # another broker is up and did not refuse this one yet
                 delay = retry_delay(exc, attempt, self.backoff)
                 if delay is None or (self.retries is not None and attempt >= self.retries):
                     raise
@@ -147,13 +159,13 @@ class AsyncClient:
     async def _embed_once(self, lane: str, kind: str, items: Sequence[Any], normalize: bool,
                           dtype: str, input_type: str | None, wait_s: float,
                           dimensions: int | None = None,
-                          priority: str | None = None,
-                          ticket: int | None = None) -> EmbedResult:
+                          priority: str | None = None, ticket: int | None = None,
+                          refusals: link.Refusals | None = None) -> EmbedResult:
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
                               timeout_s=wait_s, input_type=input_type, dimensions=dimensions,
                               priority=priority, ticket=ticket)
-        header, body = await self._request(rid, frames, wait_s)
+        header, body = await self._request(rid, frames, wait_s, refusals)
         return decode_embed(header, body)
 
     async def embed_many(self, items: Iterable[Any], kind: str = p.KIND_TEXT, *,
@@ -262,12 +274,16 @@ class AsyncClient:
                                            self.timeout if timeout is None else timeout)
         return decode_op(header, body, raise_on_error=raise_on_error)
 
-    async def _request(self, rid: int, frames: list[bytes],
-                       wait_s: float) -> tuple[dict[str, Any], bytes]:
-        """Send and wait for the reply, never past ``wait_s`` (the caller's timeout)."""
-        if self._sock is None:
+    async def _request(self, rid: int, frames: list[bytes], wait_s: float,
+                       refusals: link.Refusals | None = None) -> tuple[dict[str, Any], bytes]:
+        """Send and wait for the reply, never past ``wait_s`` (the caller's timeout).
+
+        ``refusals``: the brokers to avoid or prefer (a call's earlier 429s); the broker that
+        answered is noted in it."""
+        routes = self._routes
+        if routes is None:
             raise ConnectionClosed("client is closed")
-        self._start_tasks()
+        self._start_reading(routes)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[dict[str, Any], bytes]] = loop.create_future()
         self._futures[rid] = future
@@ -275,7 +291,7 @@ class AsyncClient:
         # which at thousands of requests/s is most of the client's CPU.
         timer = loop.call_later(wait_s, self._expire, rid, future)
         try:
-            if not await self._send_when_up(frames, future):
+            if not await self._send_when_up(rid, frames, future, refusals):
                 raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
             self._frames[rid] = frames
             return await future
@@ -284,25 +300,30 @@ class AsyncClient:
             self._futures.pop(rid, None)
             self._frames.pop(rid, None)
             self._lost.discard(rid)
+            route = routes.done(rid)
+            if refusals is not None and route is not None:
+                refusals.last = route.endpoint
             if future.done() and not future.cancelled():
                 future.exception()  # retrieved: no "Future exception was never retrieved"
             else:
                 future.cancel()
 
-    async def _send_when_up(self, frames: list[bytes], future: asyncio.Future[Any]) -> bool:
+    async def _send_when_up(self, rid: int, frames: list[bytes], future: asyncio.Future[Any],
+                            refusals: link.Refusals | None = None) -> bool:
         """Send once a connection is up; False if ``future`` finished first (its timeout).
 
         Non-blocking tries, ``SEND_RETRY_S`` apart, while no connection is up (IMMEDIATE), rather
         than one send future that waits for the socket to wake it: under load, a request sent
         again after a broker restart once sat that way until its timeout; a loop cannot miss.
         """
-        while not future.done() and self._sock is not None:
-            try:
-                self._sock.send_multipart(frames, flags=zmq.DONTWAIT)
-                self._events()  # the send may have taken the edge of a reply that came
+        avoid = refusals.avoid if refusals is not None else ()
+        prefer = refusals.prefer if refusals is not None else None
+        while not future.done() and self._routes is not None:
+            route = self._routes.send(rid, frames, avoid, prefer)
+            if route is not None:
+                self._events(route)  # the send may have taken the edge of a reply that came
                 return True
-            except zmq.Again:
-                await asyncio.sleep(SEND_RETRY_S)
+            await asyncio.sleep(SEND_RETRY_S)
         return False
 
     def _expire(self, rid: int, future: asyncio.Future[Any]) -> None:
@@ -312,59 +333,70 @@ class AsyncClient:
         future.set_exception(link.timed_out(
             self.endpoint, reachable=rid not in self._lost and self.connected))
 
-    def _start_tasks(self) -> None:
-        if self._loop is None and self._sock is not None:
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(self._fd, self._drain)
-        if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.ensure_future(self._watch_link())
+    def _start_reading(self, routes: link.Routes) -> None:
+        """Have the running loop watch every DEALER (replies) and monitor (drops)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        for route in routes.all:
+            for sock, callback in ((route.sock, self._drain), (route.monitor, self._on_link)):
+                fd = cast(int, sock.getsockopt(zmq.FD))
+                self._loop.add_reader(fd, callback)
+                self._fds.append(fd)
+        self._on_link()  # events that came before the loop watched
 
-    async def _watch_link(self) -> None:
-        """On a connection drop, send every request in flight again (embedding is pure).
+    def _on_link(self) -> None:
+        """A monitor spoke: what a lost connection carried is sent again (embedding is pure),
+        by a task that waits for a connection; each request's own timer still bounds it."""
+        if self._routes is None:
+            return
+        self._lost.update(rid for rid in self._routes.lost() if rid in self._frames)
+        if self._lost and (self._resender is None or self._resender.done()):
+            self._resender = asyncio.ensure_future(self._resend_lost())
 
-        The sends wait for the new connection; each request's own timer still bounds them.
-        """
-        monitor = self._monitor
-        while not monitor.closed:
-            try:
-                message = await monitor.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            if not self._link.lost(message) or self._sock is None:
-                continue
-            self._lost.update(self._frames)
-            for rid, frames in list(self._frames.items()):
+    async def _resend_lost(self) -> None:
+        while self._lost and self._routes is not None:
+            for rid in list(self._lost):
                 future = self._futures.get(rid)
-                if future is None or future.done():
-                    continue
-                if await self._send_when_up(frames, future):
-                    self.resubmitted += 1
+                frames = self._frames.get(rid)
+                if future is None or future.done() or frames is None:
                     self._lost.discard(rid)
+                    continue
+                route = self._routes.send(rid, frames)
+                if route is None:
+                    break  # no connection up: wait for one
+                self._events(route)
+                self.resubmitted += 1
+                self._lost.discard(rid)
+            if self._lost:
+                await asyncio.sleep(SEND_RETRY_S)
 
-    def _events(self) -> int:
-        """The socket's ``EVENTS``; when replies wait, a drain is scheduled (the read may
-        have consumed the descriptor's edge, and the loop would not wake for them)."""
-        sock = self._sock
-        if sock is None or sock.closed:
+    def _events(self, route: link.Route) -> int:
+        """A DEALER's ``EVENTS``; when replies wait, a drain is scheduled (the read may have
+        consumed the descriptor's edge, and the loop would not wake for them)."""
+        if route.sock.closed:
             return 0
-        events = cast(int, sock.getsockopt(zmq.EVENTS))
+        events = route.events_now()
         if events & zmq.POLLIN and self._loop is not None:
             self._loop.call_soon(self._drain)
         return events
 
     def _drain(self) -> None:
-        """Every reply that has arrived, to its future (the loop calls this when the socket's
+        """Every reply that has arrived, to its future (the loop calls this when a socket's
         descriptor signals, and after any read of ``EVENTS``)."""
-        sock = self._sock
-        while sock is not None and not sock.closed:
-            try:
-                if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    return
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except (zmq.Again, zmq.ZMQError):
-                return
-            self._deliver(frames)
-            sock = self._sock
+        routes = self._routes
+        if routes is None:
+            return
+        for route in routes.all:
+            sock = route.sock
+            while not sock.closed:
+                try:
+                    if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        break
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except (zmq.Again, zmq.ZMQError):
+                    break
+                self._deliver(frames)
 
     def _deliver(self, frames: list[bytes]) -> None:
         rid, header = reply_id(frames)
@@ -374,21 +406,22 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Stop the reader and close the socket; pending requests fail with ConnectionClosed."""
-        if self._loop is not None and self._sock is not None:
-            with contextlib.suppress(Exception):  # the loop may be closed already
-                self._loop.remove_reader(self._fd)
+        if self._loop is not None:
+            for fd in self._fds:
+                with contextlib.suppress(Exception):  # the loop may be closed already
+                    self._loop.remove_reader(fd)
+            self._fds = []
             self._loop = None
-        for task in (self._watcher,):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        if self._resender is not None:
+            self._resender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._resender
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(ConnectionClosed("client closed"))
-        if self._sock is not None:
-            link.close(self._sock, self._monitor)
-            self._sock = None
+        if self._routes is not None:
+            self._routes.close()
+            self._routes = None
 
     async def __aenter__(self) -> AsyncClient:
         return self

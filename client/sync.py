@@ -1,4 +1,4 @@
-"""The synchronous client: one DEALER socket, many requests in flight, results by request id.
+"""The synchronous client: a DEALER per broker, many requests in flight, results by request id.
 
 A ``Client`` is not thread-safe (ZeroMQ sockets are not): use one per thread, or one
 :class:`~zembed.client.AsyncClient` for many concurrent callers. Within one thread, ``submit``
@@ -8,7 +8,7 @@ several requests and then collect them with ``result`` to keep many in flight.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,8 @@ class Pending:
     frames: list[bytes]
     deadline: float
     op: str = p.OP_EMBED
+    #: The broker endpoint it was last sent to.
+    route: str | None = None
 
 
 class Client:
@@ -88,10 +90,9 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        sock: zmq.Socket[Any] = (ctx or zmq.Context.instance()).socket(zmq.DEALER)
-        self._monitor = link.dial(sock, endpoint, curve_secret_key, curve_server_key)
-        self._link = link.LinkEvents()
-        self._sock: zmq.Socket[Any] | None = sock
+        self._routes: link.Routes | None = link.Routes(
+            self.endpoints, (ctx or zmq.Context.instance()).socket, curve_secret_key,
+            curve_server_key)
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._waiting: dict[int, Pending] = {}
         self._lost: dict[int, Pending] = {}  # sent on a connection that dropped: send again
@@ -153,15 +154,22 @@ class Client:
         t_out = self.timeout if timeout is None else timeout
         give_up = time.monotonic() + t_out
         ticket = first_ticket(self.retries)
+        refusals = link.Refusals()
         while True:
             left = give_up - time.monotonic()
-            pending = self.submit(lane, kind, items, normalize=normalize, dtype=dtype,
-                                  input_type=input_type, dimensions=dimensions,
-                                  priority=priority, timeout=max(left, 0.001), ticket=ticket)
+            pending = self._embed_pending(lane, kind, items, normalize=normalize, dtype=dtype,
+                                          input_type=input_type, dimensions=dimensions,
+                                          priority=priority, timeout=max(left, 0.001),
+                                          ticket=ticket)
+            self._send(pending, refusals.avoid, refusals.prefer)
             try:
                 return self.result(pending)
             except ZembedError as exc:
                 ticket = kept_ticket(exc, ticket)
+                refusals.last = pending.route
+                if (self.retries != 0 and time.monotonic() < give_up
+                        and refusals.elsewhere(exc, self._open())):
+                    continue  # another broker is up and did not refuse this one yet
                 delay = retry_delay(exc, attempt, self.backoff)
                 if delay is None or (self.retries is not None and attempt >= self.retries):
                     raise
@@ -282,14 +290,22 @@ class Client:
         ``ticket``: 0 to be refused with a ticket, or the ticket of an earlier 429 of this
         request (it keeps its place among requests refused before it; docs/protocol.md).
         """
+        pending = self._embed_pending(lane, kind, items, normalize=normalize, dtype=dtype,
+                                      input_type=input_type, dimensions=dimensions,
+                                      priority=priority, timeout=timeout, ticket=ticket)
+        self._send(pending)
+        return pending
+
+    def _embed_pending(self, lane: str, kind: str, items: Sequence[Any], *, normalize: bool,
+                       dtype: str, input_type: str | None, dimensions: int | None,
+                       priority: str | None, timeout: float | None,
+                       ticket: int | None) -> Pending:
         t_out = self.timeout if timeout is None else timeout
         rid = next_id()
         frames = embed_frames(rid, lane, kind, items, normalize=normalize, dtype=dtype,
                               timeout_s=t_out, input_type=input_type, dimensions=dimensions,
                               priority=priority, ticket=ticket)
-        pending = Pending(rid, frames, time.monotonic() + t_out)
-        self._send(pending)
-        return pending
+        return Pending(rid, frames, time.monotonic() + t_out)
 
     def result(self, pending: Pending) -> EmbedResult:
         """Wait for a submitted request: its vectors, or its typed error."""
@@ -328,20 +344,25 @@ class Client:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _socket(self) -> zmq.Socket[Any]:
-        if self._sock is None:
+    def _open(self) -> link.Routes:
+        if self._routes is None:
             raise ConnectionClosed("client is closed")
-        return self._sock
+        return self._routes
 
-    def _send(self, pending: Pending) -> None:
-        sock = self._socket()
+    def _send(self, pending: Pending, avoid: Collection[str] = (),
+              prefer: str | None = None) -> None:
+        """Send on a broker that is up, waiting for one within the request's deadline."""
+        routes = self._open()
         self._note_drops()  # a drop seen now concerns what was sent before, not this one
-        # With IMMEDIATE, a send waits until a connection is up; wait for it, bounded.
-        left_ms = int((pending.deadline - time.monotonic()) * 1000)
-        if not sock.poll(max(left_ms, 0), zmq.POLLOUT):
-            raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
-        sock.send_multipart(pending.frames, zmq.DONTWAIT)
-        self._waiting[pending.id] = pending
+        while True:
+            route = routes.send(pending.id, pending.frames, avoid, prefer)
+            if route is not None:
+                pending.route = route.endpoint
+                self._waiting[pending.id] = pending
+                return
+            if time.monotonic() >= pending.deadline:
+                raise EngineUnavailable(f"broker at {self.endpoint} is not reachable")
+            self._pump(pending.deadline, writable=True)
 
     def _wait(self, pending: Pending) -> tuple[dict[str, Any], bytes]:
         try:
@@ -358,56 +379,52 @@ class Client:
         self._waiting.pop(pending.id, None)
         self._lost.pop(pending.id, None)
         self._replies.pop(pending.id, None)
+        if self._routes is not None:
+            self._routes.done(pending.id)
 
-    def _pump(self, until: float) -> None:
-        """Wait for replies or link events until ``until`` at most, and take them in."""
-        sock = self._socket()
+    def _pump(self, until: float, *, writable: bool = False) -> None:
+        """Wait for replies or link events until ``until`` at most, and take them in;
+        ``writable``: also wake when a connection is up (a send waits for one)."""
+        routes = self._open()
         poller = zmq.Poller()
-        poller.register(self._monitor, zmq.POLLIN)
-        # While requests wait to be sent again, also wake when the link is back.
-        poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if self._lost else 0))
+        # While requests wait to be sent (again), also wake when a connection is up.
+        out = zmq.POLLOUT if writable or self._lost else 0
+        for route in routes.all:
+            poller.register(route.monitor, zmq.POLLIN)
+            poller.register(route.sock, zmq.POLLIN | (0 if route.events.down else out))
         events = dict(poller.poll(ceil_ms(until - time.monotonic())))
-        if self._monitor in events:
+        if any(route.monitor in events for route in routes.all):
             self._note_drops()
-        if events.get(sock, 0) & zmq.POLLOUT:
-            self._resend_lost(sock)
-        if events.get(sock, 0) & zmq.POLLIN:
-            self._drain(sock)
+        if self._lost and any(events.get(r.sock, 0) & zmq.POLLOUT for r in routes.all):
+            self._resend_lost(routes)
+        if any(events.get(r.sock, 0) & zmq.POLLIN for r in routes.all):
+            self._drain(routes)
 
     def _gave_up(self, pending: Pending) -> ZembedError:
         self._note_drops()
         return link.timed_out(self.endpoint, reachable=pending.id not in self._lost
-                              and link.connected(self._socket()))
+                              and self._open().any_up())
 
     def _note_drops(self) -> None:
-        """Read the monitor; on a connection drop, every request in flight is to send again."""
-        dropped = False
-        while True:
-            try:
-                dropped |= self._link.lost(self._monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        if dropped:
-            self._lost.update(self._waiting)
+        """Read the monitors; what a lost connection carried is to be sent again."""
+        for rid in self._open().lost():
+            if rid in self._waiting:
+                self._lost[rid] = self._waiting[rid]
 
-    def _resend_lost(self, sock: zmq.Socket[Any]) -> None:
-        """Send again what a dropped connection took with it, while the new one has room."""
+    def _resend_lost(self, routes: link.Routes) -> None:
+        """Send again what a lost connection took with it, while a connection up has room."""
         now = time.monotonic()
         for rid, pending in list(self._lost.items()):
             if pending.deadline > now:
-                try:
-                    sock.send_multipart(pending.frames, zmq.DONTWAIT)
-                except zmq.Again:
+                route = routes.send(rid, pending.frames)
+                if route is None:
                     return
+                pending.route = route.endpoint
                 self.resubmitted += 1
             del self._lost[rid]
 
-    def _drain(self, sock: zmq.Socket[Any]) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    def _drain(self, routes: link.Routes) -> None:
+        for frames in routes.recv():
             rid, header = reply_id(frames)
             # Replies to requests nobody waits for any more (timed out) are dropped here.
             if rid in self._waiting and rid not in self._replies:
@@ -416,9 +433,9 @@ class Client:
 
     def close(self) -> None:
         """Close the socket at once (linger 0); later calls raise ConnectionClosed."""
-        if self._sock is not None:
-            link.close(self._sock, self._monitor)
-            self._sock = None
+        if self._routes is not None:
+            self._routes.close()
+            self._routes = None
 
     def __enter__(self) -> Client:
         return self
