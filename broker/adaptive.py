@@ -96,6 +96,13 @@ class AimdLimit:
         self.wanted = False
         return int(self.value) != before
 
+    def rebound(self, ceiling: int, floor: int) -> None:
+        """The engine announced other credits (its share when it serves several brokers
+        changed): new bounds, the limit kept within them."""
+        self.ceiling = max(1, ceiling)
+        self.floor = max(1, min(floor, self.ceiling))
+        self.value = min(max(self.value, self.floor), self.ceiling)
+
     def view(self) -> dict[str, float | int]:
         """What the stats show of the controller (docs/stats.md)."""
         return {"limit": self.limit, "floor": self.floor, "ceiling": self.ceiling,

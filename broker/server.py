@@ -276,7 +276,8 @@ class Broker:
         status, error = p.OK, None
         if op == p.OP_READY:
             missing, reasons = self.stats.readiness(now)
-            body.update(ready=not missing, missing=missing, reasons=reasons)
+            body.update(ready=not missing, missing=missing, reasons=reasons,
+                        topology=self.stats.topology(now))
             if missing:
                 status, error = p.UNAVAILABLE, "not ready: " + "; ".join(reasons)
         elif op == p.OP_STATS:
@@ -335,7 +336,12 @@ class Broker:
             self.send_engine(identity, p.DISCONNECT, {"reason": "not registered"})
         elif cmd == p.REPLY and len(frames) == 5:
             self.flow.on_reply(engine, header, frames[4], now)
-        elif cmd != p.HEARTBEAT:
+        elif cmd == p.HEARTBEAT:
+            if header and self.state.recredit(engine, header):
+                log.info("engine %s of lane %s now gives this broker %d credits (serves %s "
+                         "broker(s))", identity.hex(), engine.lane, engine.credits_total,
+                         engine.info.get("serving", "?"))
+        else:
             self.counters["bad_engine_frames"] += 1
 
     def register_engine(self, identity: bytes, header: dict[str, Any], now: float) -> None:

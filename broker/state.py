@@ -75,6 +75,15 @@ class Engine:
             self.batches, self.batch_items = batches, items
 
 
+def announced_brokers(info: dict[str, Any]) -> list[str]:
+    """The broker endpoints an engine announced in READY that it serves (several: it splits
+    its credits between them); [] when it did not say (one broker, an older engine)."""
+    brokers = info.get("brokers")
+    if not isinstance(brokers, list):
+        return []
+    return [b for b in brokers if isinstance(b, str)][:64]
+
+
 def announced_rate(info: dict[str, Any]) -> float | None:
     """An engine's READY ``warmup_items_per_s`` (items per second at full batches, measured
     at its warm-up), if it is a positive finite number; engines are not trusted to send one."""
@@ -202,6 +211,8 @@ class BrokerState:
         self.inflight: dict[int, Inflight] = {}
         self.stats: dict[str, LaneStats] = {lane: LaneStats() for lane in lanes}
         self.late_replies = 0
+        #: Credit changes engines announced on HEARTBEAT (their share of several brokers).
+        self.recredits = 0
         self.models: dict[str, LaneModel] = {}
         self._tokens = itertools.count(1)
         self._completions: dict[str, deque[tuple[float, int]]] = {lane: deque() for lane in lanes}
@@ -258,6 +269,26 @@ class BrokerState:
             prompts=announced_prompts(info), default_prompt=announced_default_prompt(info))
         self._refresh_dimensions(lane)
         return engine
+
+    def recredit(self, engine: Engine, header: dict[str, Any]) -> bool:
+        """A HEARTBEAT header with ``credits``: an engine serving several brokers moved its
+        credits (one of them went or came back). Its work in flight stays; admission sees
+        the new total at once (free credits may go below zero until replies return them).
+        Returns whether anything changed; a bad value is ignored."""
+        credits = header.get("credits")
+        serving = header.get("serving")
+        if type(serving) is int and serving > 0:
+            engine.info["serving"] = serving
+        if type(credits) is not int or credits <= 0 or credits == engine.credits_total:
+            return False
+        engine.credits_free += credits - engine.credits_total
+        engine.credits_total = credits
+        control = engine.control
+        if control is not None:
+            control.rebound(credits, self.adaptive_min_credits or engine.max_batch)
+            engine.withheld = credits - control.limit
+        self.recredits += 1
+        return True
 
     def _refresh_dimensions(self, lane: str) -> None:
         """The lane takes ``dimensions`` while every engine in it does (with none left, what
@@ -525,6 +556,7 @@ class BrokerState:
             "batches": e.batches, "batch_items": e.batch_items,
             "mean_batch_size": round(e.batch_items / e.batches, 2) if e.batches else None,
             "heartbeat_age_s": round(self.heard_age(e, now), 3),
+            "brokers": announced_brokers(e.info), "serving": e.info.get("serving", 1),
         }
 
     def lane_view(self, lane: str, now: float) -> dict[str, Any]:
@@ -601,4 +633,5 @@ class BrokerState:
     def snapshot(self, now: float) -> dict[str, Any]:
         """A msgpack-able view of lanes, engines and counters for the stats."""
         return {"lanes": {lane: self.lane_view(lane, now) for lane in self.lanes},
-                "in_flight": len(self.inflight), "late_replies": self.late_replies}
+                "in_flight": len(self.inflight), "late_replies": self.late_replies,
+                "recredits": self.recredits}

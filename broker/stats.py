@@ -28,7 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zembed import __version__
 from zembed.broker.flow import EmbedFlow
 from zembed.broker.metrics import LoopMeter
-from zembed.broker.state import BrokerState
+from zembed.broker.state import BrokerState, announced_brokers
 from zembed.messages import packb
 from zembed.security import CurveRefusals
 
@@ -254,6 +254,20 @@ class BrokerStats:
             reasons.append(f"cache: {cache.get('backend')} unreachable "
                            f"({cache.get('errors', 0)} errors; set cache off to run without)")
         return missing, reasons
+
+    def topology(self, now: float) -> dict[str, Any]:
+        """Who serves this broker (the ``ready`` op, ``zembed ready``): per lane, each engine's
+        host, pid, credits here, the brokers it splits them over and how many it serves now;
+        and the cache's state (for a cluster, its nodes)."""
+        lanes = {lane: [{"id": e.identity.hex(), "host": e.info.get("host"),
+                         "pid": e.info.get("pid"), "alive": self.state.is_live(e, now),
+                         "credits": e.credits_total,
+                         "engine_credits": e.info.get("engine_credits", e.credits_total),
+                         "brokers": announced_brokers(e.info),
+                         "serving": e.info.get("serving", 1)}
+                        for e in self.state.by_lane[lane]]
+                 for lane in self.state.lanes}
+        return {"lanes": lanes, "cache": self.cache.state()}
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """The whole snapshot (docs/stats.md): lanes, engines, cache, broker."""

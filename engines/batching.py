@@ -95,12 +95,13 @@ class JobQueue:
     def _queued_items(self) -> int:
         return sum(len(j.items) for q in (self._interactive, self._bulk) for j in q)
 
-    def drop_generation_before(self, generation: int) -> int:
-        """Forget jobs of an older connection (their broker is gone); return how many."""
+    def drop_generation(self, generation: int) -> int:
+        """Forget the jobs of one broker connection that was lost (its broker is gone or
+        answered them 503); return how many."""
         with self._cond:
             dropped = 0
             for queue in (self._interactive, self._bulk):
-                keep = [j for j in queue if j.generation >= generation]
+                keep = [j for j in queue if j.generation != generation]
                 dropped += len(queue) - len(keep)
                 queue.clear()
                 queue.extend(keep)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import struct
 import threading
 import time
@@ -86,7 +87,9 @@ class EngineRuntime:
         self.busy_since: float | None = None
         self._stop = threading.Event()
         self._pipe_addr = f"inproc://zembed-engine-{id(self)}"
-        self._sock: zmq.Socket[Any] | None = None
+        #: The brokers served (set by the socket thread; read by tests and diagnostics).
+        self.links: list[Link] = []
+        self._stuck_logged = False
 
     # -- socket thread ---------------------------------------------------------------------
 
@@ -108,54 +111,89 @@ class EngineRuntime:
                 self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _io_loop(self, pipe: zmq.Socket[Any]) -> None:
-        """The socket thread: broker traffic, heartbeats, reconnects, reply forwarding."""
+        """The socket thread: broker traffic, heartbeats, reconnects, reply forwarding, for
+        every broker this engine serves (a :class:`Link` each)."""
         interval = self.s.heartbeat_interval_ms / 1000
-        backoff = p.RECONNECT_MIN_MS / 1000
-        sock = self._connect()
-        poller = zmq.Poller()
-        poller.register(pipe, zmq.POLLIN)
-        poller.register(sock, zmq.POLLIN)
-        broker_expires = time.monotonic() + interval * self.s.heartbeat_liveness
-        last_sent = time.monotonic()
+        links = [Link(endpoint) for endpoint in broker_endpoints(self.s.broker)]
+        self.links = links
+        now = time.monotonic()
+        for link in links:
+            self._connect(link, links, now)
         while not self._stop.is_set():
+            poller = zmq.Poller()
+            poller.register(pipe, zmq.POLLIN)
+            for link in links:
+                if link.sock is not None:
+                    poller.register(link.sock, zmq.POLLIN)
             events = dict(poller.poll(max(1, int(interval * 1000 / 2))))
             now = time.monotonic()
-            if sock in events:
-                alive, registered = self._drain_broker(sock, now)
-                if alive:
-                    broker_expires = now + interval * self.s.heartbeat_liveness
-                if not registered:
-                    broker_expires = now  # told to (re-)register: reconnect below
-                elif alive:
-                    backoff = p.RECONNECT_MIN_MS / 1000
+            changed = False
+            for link in links:
+                if link.sock is not None and link.sock in events:
+                    changed |= self._heard(link, now, interval)
             if pipe in events:
-                last_sent = self._forward_replies(pipe, sock, now, last_sent)
-            if now >= broker_expires:
-                poller.unregister(sock)
-                sock.close(linger=0)
-                log.warning("broker silent or asked us to re-register; reconnecting in %.2fs",
-                            backoff)
-                self._stop.wait(backoff)
-                self._wait_until_healthy(interval)
-                backoff = min(backoff * 2, p.RECONNECT_MAX_MS / 1000)
-                sock = self._connect()
-                poller.register(sock, zmq.POLLIN)
-                broker_expires = time.monotonic() + interval * self.s.heartbeat_liveness
-                last_sent = time.monotonic()
-            elif now - last_sent >= interval and self.healthy(now):
-                self._send(sock, [p.HEARTBEAT])
-                last_sent = now
-        self._send(sock, [p.DISCONNECT])
-        sock.close(linger=100)
+                self._forward_replies(pipe, links, now)
+            changed |= self._tend(links, now, interval)
+            if changed:
+                self._share_credits(links)
+        for link in links:
+            if link.sock is not None:
+                self._send(link, [p.DISCONNECT])
+                link.sock.close(linger=100)
         pipe.close(linger=0)
 
-    def _wait_until_healthy(self, interval: float) -> None:
-        """While a forward pass is stuck, stay unregistered: READY now would only take work
-        this engine cannot do (the broker would lose it a second time)."""
-        if not self.healthy(time.monotonic()):
-            log.warning("inference is stuck; re-registering once it moves again")
-        while not self._stop.is_set() and not self.healthy(time.monotonic()):
-            self._stop.wait(interval)
+    def _tend(self, links: list[Link], now: float, interval: float) -> bool:
+        """Timers of every link: lose the silent, redial after their backoff, heartbeat the
+        idle. True when a link was lost (its credits are to be shared again)."""
+        healthy = self.healthy(now)
+        lost = False
+        for link in links:
+            if link.sock is not None and now >= link.expires:
+                self._lose(link, now)
+                lost = True
+            elif link.sock is None and now >= link.retry_at:
+                if healthy:
+                    self._connect(link, links, now)
+                    self._stuck_logged = False
+                elif not self._stuck_logged:
+                    # While a forward pass is stuck, stay unregistered: READY now would only
+                    # take work this engine cannot do (its broker would lose it again).
+                    log.warning("inference is stuck; re-registering once it moves again")
+                    self._stuck_logged = True
+            elif link.sock is not None and now - link.last_sent >= interval and healthy:
+                self._send(link, [p.HEARTBEAT])
+        return lost
+
+    def _heard(self, link: Link, now: float, interval: float) -> bool:
+        """Read what one broker sent; True when the link just started serving (its credits
+        are to be shared again)."""
+        assert link.sock is not None
+        alive, registered = self._drain_broker(link, now)
+        if not registered:
+            link.expires = now  # told to (re-)register: reconnect in the loop
+            return False
+        if not alive:
+            return False
+        link.expires = now + interval * self.s.heartbeat_liveness
+        link.backoff = p.RECONNECT_MIN_MS / 1000
+        if link.serving:
+            return False
+        link.serving, link.first = True, False
+        return True
+
+    def _lose(self, link: Link, now: float) -> None:
+        """A broker went silent or asked us to re-register: close, drop its queued work
+        (its broker answered it 503, or is gone), and redial after a backoff."""
+        assert link.sock is not None
+        link.sock.close(linger=0)
+        link.sock = None
+        link.serving = link.first = False
+        dropped = self.jobs.drop_generation(link.generation)
+        log.warning("broker %s silent or asked us to re-register; reconnecting in %.2fs%s",
+                    link.endpoint, link.backoff,
+                    f" (dropped {dropped} queued job(s) of it)" if dropped else "")
+        link.retry_at = now + link.backoff
+        link.backoff = min(link.backoff * 2, p.RECONNECT_MAX_MS / 1000)
 
     def stop(self) -> None:
         """Ask the engine to say DISCONNECT and exit (signal handlers call this)."""
@@ -166,42 +204,72 @@ class EngineRuntime:
         busy = self.busy_since
         return busy is None or now - busy < self.s.stall_timeout_s
 
-    def _connect(self) -> zmq.Socket[Any]:
-        """New DEALER (so a new identity at the broker), then READY."""
+    def _connect(self, link: Link, links: list[Link], now: float) -> None:
+        """New DEALER (so a new identity at the broker), then READY with this broker's share
+        of the credits."""
         self.generation += 1
-        dropped = self.jobs.drop_generation_before(self.generation)
-        if dropped:
-            log.warning("dropped %d queued job(s) of the previous broker connection", dropped)
+        link.generation = self.generation
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         arm_client(sock, self.s.curve_secret_key, self.s.curve_server_key)
-        sock.connect(self.s.broker)
-        self._sock = sock
-        self._send(sock, [p.READY, packb(self.ready_header())])
-        log.info("connecting to broker %s (lane %s, %d credits)", self.s.broker,
-                 self.model.lane, self.s.credits)
-        return sock
+        sock.connect(link.endpoint)
+        link.sock = sock
+        serving = sum(1 for other in links if other.serving and other is not link)
+        # At start no broker serves yet: assume all will. Later, a broker that comes back
+        # asks for its share beside those serving; they give theirs up once it answers.
+        link.told = serving + 1 if serving else len(links)
+        link.credits = credit_shares(self.s.credits, link.told)[0]
+        link.expires = now + self.s.heartbeat_interval_ms / 1000 * self.s.heartbeat_liveness
+        self._send(link, [p.READY, packb(self.ready_header(link.credits, links, link.told))])
+        log.info("connecting to broker %s (lane %s, %d of %d credits)", link.endpoint,
+                 self.model.lane, link.credits, self.s.credits)
 
-    def ready_header(self) -> dict[str, Any]:
-        """What READY announces: lane, kinds, model fingerprint, dim, credits."""
+    def _share_credits(self, links: list[Link]) -> None:
+        """Split the credits between the brokers this engine serves now: one went (the others
+        take its share) or came back (they give some up). A HEARTBEAT with a ``credits``
+        header tells each broker whose share (or count of brokers served) changed.
+
+        A broker still on its first connection attempt counts as served, so that the first
+        broker to answer at start-up does not take every credit for a moment."""
+        counted = [link for link in links if link.serving or (link.first and link.sock)]
+        if not counted:
+            return  # none to share with: the next broker to answer gets its READY share
+        for link, share in zip(counted, credit_shares(self.s.credits, len(counted)),
+                               strict=True):
+            if link.serving and (share, len(counted)) != (link.credits, link.told):
+                link.credits, link.told = share, len(counted)
+                self._send(link, [p.HEARTBEAT, packb({"credits": share,
+                                                      "serving": len(counted)})])
+                log.info("broker %s now gets %d of %d credits (%d broker(s) served)",
+                         link.endpoint, share, self.s.credits, len(counted))
+
+    def ready_header(self, credits: int | None = None, links: list[Link] | None = None,
+                     serving: int = 1) -> dict[str, Any]:
+        """What READY announces: lane, kinds, model fingerprint, dim, credits (this broker's
+        share), and the brokers this engine serves."""
         kinds = sorted(self.model.kinds)
+        brokers = [link.endpoint for link in links] if links else [self.s.broker]
         return {
             "version": p.ENGINE_PROTO_VERSION, "zembed": __version__, "lane": self.model.lane,
             "kinds": kinds, "fingerprint": self.model.fingerprint(kinds[0]),
             "fingerprints": {k: self.model.fingerprint(k) for k in kinds},
-            "dim": self.model.dim, "credits": self.s.credits, "max_batch": self.s.max_batch,
-            "heartbeat_ms": self.s.heartbeat_interval_ms,
-            "pid": os.getpid(), **self.model.describe(), **self.ready_extra,
+            "dim": self.model.dim, "credits": self.s.credits if credits is None else credits,
+            "max_batch": self.s.max_batch, "heartbeat_ms": self.s.heartbeat_interval_ms,
+            "brokers": brokers, "engine_credits": self.s.credits,
+            "serving": serving,
+            "pid": os.getpid(), "host": socket.gethostname(), **self.model.describe(),
+            **self.ready_extra,
         }
 
-    def _drain_broker(self, sock: zmq.Socket[Any], now: float) -> tuple[bool, bool]:
-        """Handle what the broker sent: (heard from it, still registered)."""
+    def _drain_broker(self, link: Link, now: float) -> tuple[bool, bool]:
+        """Handle what one broker sent: (heard from it, still registered)."""
+        assert link.sock is not None
         alive, registered = False, True
         while True:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = link.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return alive, registered
             if len(frames) < 2 or frames[0] != p.ENGINE_PROTO:
@@ -211,40 +279,47 @@ class EngineRuntime:
             cmd = frames[1]
             if cmd == p.REQUEST and len(frames) == 4:
                 try:
-                    self._queue_job(frames[2], frames[3], now)
+                    self._queue_job(frames[2], frames[3], now, link.generation)
                 except Exception as exc:  # the broker validates; this guards against bugs
                     log.error("dropped a malformed REQUEST from the broker: %r", exc)
             elif cmd == p.DISCONNECT:
                 reason = unpack_header(frames[2]).get("reason") if len(frames) > 2 else None
-                log.warning("broker sent DISCONNECT (%s)", reason)
+                log.warning("broker %s sent DISCONNECT (%s)", link.endpoint, reason)
                 registered = False
 
-    def _queue_job(self, raw_header: bytes, body: bytes, now: float) -> None:
+    def _queue_job(self, raw_header: bytes, body: bytes, now: float, generation: int) -> None:
         h = unpack_header(raw_header)
         items = msgpack.unpackb(body, raw=False)
         job = Job(h["tok"], h["kind"], h["normalize"], h.get("input_type"), items,
-                  now + h["deadline_ms"] / 1000, self.generation,
+                  now + h["deadline_ms"] / 1000, generation,
                   dimensions=h.get("dimensions"), bulk=h.get("priority") == p.PRIORITY_BULK)
         if self.pool is not None:
             job.prepared = self.pool.submit(self.model.prepare, job.kind, items, job.input_type)
         self.jobs.put(job)
 
-    def _forward_replies(self, pipe: zmq.Socket[Any], sock: zmq.Socket[Any], now: float,
-                         last_sent: float) -> float:
+    def _forward_replies(self, pipe: zmq.Socket[Any], links: list[Link], now: float) -> None:
+        """Replies from the inference thread, each to the connection its job came on; those
+        of a connection lost since are dropped (its broker answered them already)."""
         while True:
             try:
                 gen, *frames = pipe.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return last_sent
-            if _GEN.unpack(gen.bytes)[0] == self.generation:
-                self._send(sock, frames)
-                last_sent = now
+                return
+            generation = _GEN.unpack(gen.bytes)[0]
+            for link in links:
+                if link.generation == generation and link.sock is not None:
+                    self._send(link, frames)
+                    link.last_sent = now
+                    break
 
-    def _send(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
+    def _send(self, link: Link, frames: list[Any]) -> None:
+        assert link.sock is not None
         try:
-            sock.send_multipart([p.ENGINE_PROTO, *frames], zmq.DONTWAIT, copy=False)
+            link.sock.send_multipart([p.ENGINE_PROTO, *frames], zmq.DONTWAIT, copy=False)
         except zmq.Again:
-            log.warning("broker connection is backed up; dropped a %r", frames[0])
+            log.warning("connection to broker %s is backed up; dropped a %r", link.endpoint,
+                        frames[0])
+        link.last_sent = time.monotonic()
 
     # -- inference thread ------------------------------------------------------------------
 
@@ -299,6 +374,40 @@ class EngineRuntime:
         if o.item_errors:
             header["item_errors"] = o.item_errors
         return [_GEN.pack(o.job.generation), p.REPLY, packb(header), o.body]
+
+
+@dataclass(slots=True)
+class Link:
+    """One broker this engine serves: its DEALER (None while waiting to redial) and what the
+    engine knows of it."""
+
+    endpoint: str
+    sock: zmq.Socket[Any] | None = None
+    generation: int = 0  # of the current connection: jobs and replies carry it
+    credits: int = 0  # announced to this broker now
+    serving: bool = False  # heard from it since the last READY: its credits are in the split
+    first: bool = True  # on its first connection attempt (neither heard nor lost yet)
+    told: int = 0  # brokers served, as this broker was last told
+    expires: float = 0.0  # silent until then: lost
+    last_sent: float = 0.0
+    retry_at: float = 0.0  # while sock is None: redial then
+    backoff: float = p.RECONNECT_MIN_MS / 1000
+
+
+def broker_endpoints(spec: str) -> list[str]:
+    """The brokers an engine serves: one endpoint, or several comma-separated (no repeats)."""
+    out = list(dict.fromkeys(e.strip() for e in spec.split(",") if e.strip()))
+    if not out:
+        raise ValueError(f"no broker endpoint in {spec!r}")
+    return out
+
+
+def credit_shares(credits: int, brokers: int) -> list[int]:
+    """``credits`` split as evenly as whole numbers allow over ``brokers`` (at least 1 each:
+    an engine with fewer credits than brokers overcommits rather than starve one)."""
+    n = max(1, brokers)
+    base, extra = divmod(credits, n)
+    return [max(1, base + (1 if i < extra else 0)) for i in range(n)]
 
 
 def batch_delay_s(path: str) -> float:

@@ -48,12 +48,13 @@ def test_max_wait_gathers_late_jobs() -> None:
     assert [j.token for j in q.take_batch(32, 0.1, max_wait_s=0.5)] == [1, 2]
 
 
-def test_drop_old_generation() -> None:
+def test_drop_the_generation_of_a_lost_connection_only() -> None:
     q = JobQueue()
     q.put(job(1, 1, gen=1))
     q.put(job(2, 1, gen=2))
-    assert q.drop_generation_before(2) == 1
-    assert [j.token for j in q.take_batch(32, 0.1)] == [2]
+    q.put(job(3, 1, gen=3))  # another broker's connection, older or newer: kept
+    assert q.drop_generation(2) == 1
+    assert [j.token for j in q.take_batch(32, 0.1)] == [1, 3]
 
 
 def test_chunks_respect_count_and_token_budget() -> None:
@@ -82,7 +83,7 @@ def test_interactive_jobs_go_first_in_batches_of_their_own() -> None:
     assert [j.token for j in q.take_batch(12, 0.1)] == [1]
     assert [j.token for j in q.take_batch(12, 0.1)] == [2]
     q.put(job(12, 1, gen=0))
-    assert q.drop_generation_before(1) == 1 and len(q) == 1
+    assert q.drop_generation(0) == 1 and len(q) == 1
     assert [j.token for j in q.take_batch(12, 0.1)] == [3]
 
 

@@ -131,3 +131,71 @@ def test_a_429_goes_to_another_broker_with_room_before_backing_off(
         assert filler.result(hold).vectors.shape == (8, 384)
     assert refused(a) >= 1  # round-robin sent at least one call to a first
     assert served(b) == 4
+
+
+def test_credit_shares_split_evenly_and_never_starve_a_broker() -> None:
+    from zembed.engines.runtime import broker_endpoints, credit_shares
+
+    assert credit_shares(64, 1) == [64]
+    assert credit_shares(64, 2) == [32, 32]
+    assert credit_shares(64, 3) == [22, 21, 21] and sum(credit_shares(64, 3)) == 64
+    assert credit_shares(1, 2) == [1, 1]  # fewer credits than brokers: overcommit, not starve
+    assert credit_shares(8, 0) == [8]
+    assert broker_endpoints(" tcp://a:1,tcp://b:2,tcp://a:1 ") == ["tcp://a:1", "tcp://b:2"]
+    with pytest.raises(ValueError, match="no broker endpoint"):
+        broker_endpoints(" , ")
+
+
+def engine_view(stack: Stack) -> dict[str, object] | None:
+    """The text lane's only engine as ``stack``'s broker shows it (None: none registered)."""
+    with stack.client(timeout=2) as c:
+        engines = c.stats(timeout=2)["lanes"]["text"]["engines"]
+    return engines[0] if engines else None
+
+
+def wait_for(check: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+def test_one_engine_serves_two_brokers_and_moves_its_credits_to_the_survivor(
+        stack_factory: Callable[[], Stack]) -> None:
+    a, b = stack_factory(), stack_factory()
+    a.start_broker()
+    b.start_broker()
+    a.start_text("--broker", f"{a.backend},{b.backend}")  # 64 credits, split 32 + 32
+    a.wait_engines("text", 1)
+    b.wait_engines("text", 1)
+
+    def credits_are(stack: Stack, n: int, serving: int) -> bool:
+        view = engine_view(stack)
+        return view is not None and view["credits_total"] == n and view["serving"] == serving
+
+    wait_for(lambda: credits_are(a, 32, 2) and credits_are(b, 32, 2), 10, "a 32/32 split")
+    view = engine_view(a)
+    assert view is not None and view["brokers"] == [a.backend, b.backend]
+    with a.client() as ca, b.client() as cb:
+        assert np.allclose(ca.embed_texts(["one engine"]), cb.embed_texts(["one engine"]),
+                           atol=1e-2)
+        topology = ca.ready()["topology"]
+        engine = topology["lanes"]["text"][0]
+        assert engine["brokers"] == [a.backend, b.backend] and engine["credits"] == 32
+        assert engine["engine_credits"] == 64 and engine["serving"] == 2 and engine["host"]
+        assert topology["cache"]["backend"] == "off"
+    # Broker b dies: within the engine's liveness (3 x 200 ms) a gets all 64 credits.
+    assert b.broker is not None
+    b.broker.signal(signal.SIGKILL)
+    b.broker.popen.wait(timeout=10)
+    wait_for(lambda: credits_are(a, 64, 1), 10, "a takes b's credits")
+    with a.client() as ca:
+        assert ca.embed_texts([f"after b {k}" for k in range(48)]).shape == (48, 384)
+        assert ca.stats()["recredits"] >= 1  # 32 -> 64
+    # b comes back on the same ports: the engine re-registers there and the split is even again.
+    b.start_broker()
+    wait_for(lambda: credits_are(a, 32, 2) and credits_are(b, 32, 2), 30, "the split again")
+    with b.client() as cb:
+        assert cb.embed_texts(["b is back"]).shape == (1, 384)

@@ -153,6 +153,8 @@ def broker_families(snap: dict[str, Any]) -> Iterator[Metric]:
                  [([], snap.get("in_flight", 0))])
     yield _counter("zembed_late_replies", "Engine replies that came after their request ended.",
                    [], [([], snap.get("late_replies", 0))])
+    yield _counter("zembed_engine_recredits", "Credit changes engines announced (their share "
+                   "of several brokers moved).", [], [([], snap.get("recredits", 0))])
     yield _counter("zembed_broker_events", "Broker events (client_gone, bad frames, bugs).",
                    ["event"], [([k], v) for k, v in snap.get("counters", {}).items()])
     backend = str(cache.get("backend", "off"))
@@ -296,6 +298,8 @@ def engine_families(lanes: dict[str, Any]) -> Iterator[Metric]:
                    each("batch_items"))
     yield _gauge("zembed_engine_heartbeat_age_seconds", "Seconds since the engine was heard.",
                  labels, each("heartbeat_age_s"))
+    yield _gauge("zembed_engine_brokers_serving", "Brokers the engine serves now (its credits "
+                 "are split over them).", labels, each("serving"))
 
 
 def families(snap: dict[str, Any]) -> Iterator[Metric]:

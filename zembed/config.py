@@ -30,7 +30,8 @@ def _opt(default: Any, help: str) -> Any:
 
 #: Options several processes share, defined once as (default, help).
 _SHARED_OPTS: dict[str, tuple[Any, str]] = {
-    "broker": (p.DEFAULT_BACKEND, "Broker backend endpoint to connect to."),
+    "broker": (p.DEFAULT_BACKEND, "Broker backend endpoint to connect to; several brokers "
+               "comma-separated: the engine serves them all, its credits split between them."),
     "device": ("auto", "auto, cpu, cuda or cuda:N."),
     "dtype": ("auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."),
     "threads": (
