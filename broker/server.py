@@ -22,6 +22,7 @@ from zembed import __version__
 from zembed import protocol as p
 from zembed.broker.adaptive import parse_targets
 from zembed.broker.flow import EmbedFlow, send_engine
+from zembed.broker.lanerecord import LaneRecords
 from zembed.broker.pending import ClientRequest
 from zembed.broker.replies import Replier, retry_after_ms
 from zembed.broker.state import BrokerState
@@ -97,6 +98,8 @@ class Broker:
                                max_backlog_bytes=cfg.max_reply_backlog_bytes)
         self.flow = EmbedFlow(self.state, self.cache, self.replier, self.backend,
                               cfg.cache_prefix, clock=time.monotonic)
+        self.lane_records = LaneRecords(self.cache, cfg.cache_prefix)
+        self.lane_records.restore(cfg.lanes, self.state.models)
         self.stats = BrokerStats(
             self.state, self.flow, self.counters, StatsPublisher(self.ctx, cfg.stats_endpoint),
             ConnectionCounter(self.frontend), interval_s=cfg.stats_interval_s,
@@ -354,6 +357,7 @@ class Broker:
             return
         log.info("engine %s joined lane %s: %s dim=%d credits=%d", identity.hex(), engine.lane,
                  engine.info.get("model"), engine.dim, engine.credits_total)
+        self.lane_records.publish(engine.lane, self.state.models[engine.lane])
         if engine.lane not in p.LANE_KINDS:
             # A lane of the operator's own (a second text model, say) serves the kinds its
             # engines announce, besides its own name.

@@ -26,6 +26,9 @@ BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 #: The writer thread pings Redis after this long without writes.
 PROBE_INTERVAL_S = 1.0
+#: Keys per MGET (or pipelined chunk): a turn reads chunk by chunk while its budget
+#: (``cache_timeout_ms``) can take one more, so 20k keys never cost 20k keys' wait.
+CHUNK_KEYS = 1000
 
 
 class Cache(Protocol):
@@ -116,7 +119,8 @@ class MemoryCache:
 class Breaker:
     """Down/up state of a remote store, with exponential backoff between attempts."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "redis cache") -> None:
+        self.what = what
         self.down_until = 0.0
         self.backoff_s = BACKOFF_MIN_S
         self.errors = 0
@@ -129,7 +133,7 @@ class Breaker:
     def failed(self, now: float, exc: BaseException) -> None:
         self.errors += 1
         if not self.is_down:
-            log.warning("redis cache unavailable (%s: %s); serving from the models",
+            log.warning("%s unavailable (%s: %s); serving from the models", self.what,
                         type(exc).__name__, exc)
         else:
             self.backoff_s = min(self.backoff_s * 2, BACKOFF_MAX_S)
@@ -138,7 +142,7 @@ class Breaker:
 
     def succeeded(self) -> None:
         if self.is_down:
-            log.warning("redis cache is back")
+            log.warning("%s is back", self.what)
         self.is_down = False
         self.backoff_s = BACKOFF_MIN_S
 
@@ -158,14 +162,18 @@ class RedisCache:
                  write_queue: int = 10_000) -> None:
         self.url = url
         self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.reads_cut = 0  # keys a turn's budget did not reach (misses)
+        self.chunk_s = 0.0  # the slowest recent MGET chunk: what one more would cost
         self.breaker = Breaker()
         self.read_failed = False
-        self.client = _client(url, timeout_s)
+        self.client = redis_client(url, timeout_s=timeout_s)
         self.writes_dropped = 0
         self.written = 0
         self._writes: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(write_queue)
         self._writer = threading.Thread(target=self._write_loop, name="zembed-cache-writer",
-                                        args=(_client(url, max(timeout_s, 1.0)),), daemon=True)
+                                        args=(redis_client(url, timeout_s=max(timeout_s, 1.0)),),
+                                        daemon=True)
         self._writer.start()
 
     def ping(self) -> bool:
@@ -180,14 +188,23 @@ class RedisCache:
         self.read_failed = bool(keys) and not self.breaker.allow(now)
         if not keys or self.read_failed:
             return [None] * len(keys)
-        try:
-            values: list[bytes | None] = self.client.mget(keys)
-        except Exception as exc:  # connection refused, timeout, protocol errors, ...
-            self.breaker.failed(now, exc)
-            self.read_failed = True
-            return [None] * len(keys)
+        values: list[bytes | None] = []
+        deadline = now + self.timeout_s
+        for start in range(0, len(keys), CHUNK_KEYS):
+            began = time.monotonic()
+            if start and began + self.chunk_s > deadline:
+                # The turn's budget cannot take one more chunk: the rest are misses.
+                self.reads_cut += len(keys) - start
+                break
+            try:
+                values.extend(self.client.mget(keys[start:start + CHUNK_KEYS]))
+            except Exception as exc:  # connection refused, timeout, protocol errors, ...
+                self.breaker.failed(now, exc)
+                self.read_failed = True
+                return [None] * len(keys)
+            self.chunk_s = max(time.monotonic() - began, self.chunk_s * 0.9)
         self.breaker.succeeded()
-        return values
+        return values + [None] * (len(keys) - len(values))
 
     def set_many(self, items: list[tuple[bytes, bytes]]) -> None:
         if not items or not self.breaker.allow(time.monotonic()):
@@ -229,7 +246,8 @@ class RedisCache:
     def state(self) -> dict[str, Any]:
         return {"backend": self.name, "up": not self.breaker.is_down,
                 "errors": self.breaker.errors, "written": self.written,
-                "writes_dropped": self.writes_dropped, "write_queue": self._writes.qsize()}
+                "writes_dropped": self.writes_dropped, "write_queue": self._writes.qsize(),
+                "reads_cut": self.reads_cut}
 
     def close(self) -> None:
         self._writes.put(None)
@@ -237,14 +255,19 @@ class RedisCache:
         self.client.close()
 
 
-def _client(url: str, timeout_s: float) -> Any:
+def redis_client(url: str | None = None, *, timeout_s: float, **kw: Any) -> Any:
+    """A redis-py client from a URL, or from ``host``/``port``/... keywords, that never
+    retries by itself (the breaker decides when to try again) and waits at most
+    ``timeout_s`` per connect and per read."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    # No retries inside redis-py: the breaker decides when to try again.
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
+    opts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 0), "health_check_interval": 0, **kw}
+    if url is not None:
+        return redis.Redis.from_url(url, **opts)
+    return redis.Redis(**opts)
 
 
 def open_cache(spec: str, *, ttl_s: int, timeout_s: float, memory_items: int) -> Cache:
@@ -266,5 +289,9 @@ def open_cache(spec: str, *, ttl_s: int, timeout_s: float, memory_items: int) ->
         return MemoryCache(memory_items, ttl_s)
     if spec.startswith(("redis://", "rediss://", "unix://")):
         return RedisCache(spec, ttl_s=ttl_s, timeout_s=timeout_s)
-    raise ValueError(f"cache must be auto, off, memory or a redis://, rediss://, unix:// URL; "
-                     f"got {spec!r}")
+    if spec.startswith(("redis+cluster://", "rediss+cluster://")):
+        from zembed.cache.cluster import RedisClusterCache
+
+        return RedisClusterCache(spec, ttl_s=ttl_s, timeout_s=timeout_s)
+    raise ValueError(f"cache must be auto, off, memory, a redis://, rediss://, unix:// URL or "
+                     f"redis+cluster://host:port[,host:port...]; got {spec!r}")

@@ -301,6 +301,7 @@ class RedisServer:
     port: int
     workdir: Path
     popen: subprocess.Popen[bytes] | None = None
+    extra: tuple[str, ...] = ()  # more redis-server options (cluster mode, for one)
 
     @property
     def url(self) -> str:
@@ -309,7 +310,7 @@ class RedisServer:
     def start(self) -> None:
         self.popen = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.extra],
             stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -156,3 +157,44 @@ def test_fail_and_expire() -> None:
     assert table.fail(1) == []  # a flight fails once
     a.answered = True
     assert table.expire(1.5) == [b]
+
+
+def test_a_plain_redis_turn_stops_near_its_budget(module_redis: Any) -> None:
+    """60k keys against a 10 ms budget: MGET chunks stop near the budget; the keys not reached
+    are misses (``reads_cut``), the ones read are hits."""
+    from zembed.cache.backends import RedisCache
+
+    cache = RedisCache(module_redis.url, ttl_s=60, timeout_s=0.5)
+    try:
+        module_redis.client().mset({f"zt:plain:{i}": b"v%d" % i for i in range(2000)})
+        cache.timeout_s = 0.01
+        keys = [f"zt:plain:{i}".encode() for i in range(60_000)]
+        t0 = time.monotonic()
+        values = cache.get_many(keys)
+        took = time.monotonic() - t0
+        assert len(values) == 60_000 and cache.reads_cut > 0 and took < 0.25, took
+        assert values[0] == b"v0" and not cache.read_failed
+        assert cache.state()["reads_cut"] == cache.reads_cut
+    finally:
+        cache.close()
+
+
+def test_lane_records_round_trip_and_reject_junk() -> None:
+    import msgpack
+
+    from zembed.broker.lanerecord import LaneRecords, decode, encode, record_key
+    from zembed.broker.state import LaneModel
+
+    model = LaneModel(384, {"text": "text-abc"}, dimensions=True, prompts={"query": "q: "},
+                      default_prompt=None)
+    assert decode(encode(model)) == model
+    for junk in (b"", b"\x00", msgpack.packb({"dim": 0, "fingerprints": {"text": "x"}}),
+                 msgpack.packb({"dim": 3, "fingerprints": {}}),
+                 msgpack.packb({"dim": 3, "fingerprints": {"text": 1}}), msgpack.packb([1])):
+        assert decode(junk) is None
+    cache = MemoryCache(10, 60)
+    LaneRecords(cache, "zp").publish("text", model)
+    assert cache.get_many([record_key("zp", "text")])[0] == encode(model)
+    models: dict[str, LaneModel] = {}
+    assert LaneRecords(cache, "zp").restore(("text", "image"), models) == ["text"]
+    assert models == {"text": model}

@@ -166,6 +166,13 @@ def broker_families(snap: dict[str, Any]) -> Iterator[Metric]:
                    [], [([], cache.get("corrupt", 0))])
     yield _counter("zembed_cache_writes_dropped", "Vectors not written (write queue full).",
                    ["backend"], [([backend], cache.get("writes_dropped", 0))])
+    yield _counter("zembed_cache_reads_cut", "Keys a turn's cache budget did not reach (misses).",
+                   ["backend"], [([backend], cache.get("reads_cut", 0))])
+    nodes = cache.get("nodes") or []
+    yield _gauge("zembed_cache_node_up", "Redis Cluster: 1 while the master's breaker is closed.",
+                 ["node"], [([str(n.get("node"))], 1 if n.get("up") else 0) for n in nodes])
+    yield _gauge("zembed_cache_node_slots", "Redis Cluster: slots the master serves.",
+                 ["node"], [([str(n.get("node"))], n.get("slots", 0)) for n in nodes])
 
 
 def lane_families(lanes: dict[str, Any]) -> Iterator[Metric]:

@@ -128,11 +128,13 @@ class BrokerConfig:
     max_deadline_ms: int = _opt(300_000, "Longest deadline a request may ask for, ms.")
     cache: str = _opt(
         "auto", "auto (Redis on 127.0.0.1:6379 if it answers at start, else memory), off, "
-        "memory, or a redis://, rediss:// (TLS) or unix:// URL.",
+        "memory, a redis://, rediss:// (TLS) or unix:// URL, or redis+cluster://host:port"
+        "[,host:port...] (Redis Cluster seed nodes; rediss+cluster:// for TLS).",
     )
     cache_ttl_s: int = _opt(7 * 24 * 3600, "Expiry of each cached vector, s.")
     cache_timeout_ms: int = _opt(
-        50, "Longest wait for one cache read before it counts as a miss and an error, ms."
+        50, "A loop turn's budget for cache reads, ms: keys it does not reach, and reads that "
+        "fail or time out, are misses (failures also count as errors)."
     )
     cache_memory_items: int = _opt(200_000, "Vectors kept by the in-process memory cache.")
     cache_prefix: str = _opt("zembed", "Prefix of every cache key (several zembeds, one Redis).")
