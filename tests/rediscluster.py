@@ -37,26 +37,35 @@ def cluster_port() -> int:
 class RedisCluster:
     """``masters`` masters with ``replicas`` replicas each; ``url`` is the cache's spec."""
 
-    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, masters: int = 3, replicas: int = 1,
+                 host: str = "127.0.0.1") -> None:
         self.nodes: list[RedisServer] = []
         self.replicas = replicas
+        self.host = host
         for _ in range(masters * (1 + replicas)):
             port = cluster_port()
             node_dir = workdir / str(port)
             node_dir.mkdir(parents=True)
             self.nodes.append(RedisServer(port, node_dir, extra=(
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", str(NODE_TIMEOUT_MS))))
+                "--cluster-node-timeout", str(NODE_TIMEOUT_MS), *self.bind_args())))
+
+    def bind_args(self) -> tuple[str, ...]:
+        """Loopback, plus the test's own host address if it has one (a namespaces' bridge:
+        then protected mode is off, as nodes and brokers reach it there)."""
+        if self.host == "127.0.0.1":
+            return ("--bind", "127.0.0.1")
+        return ("--bind", "127.0.0.1", self.host, "--protected-mode", "no")
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2])
+        return "redis+cluster://" + ",".join(f"{self.host}:{n.port}" for n in self.nodes[:2])
 
     def start(self) -> None:
         for node in self.nodes:
             node.start()
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+            ["redis-cli", "--cluster", "create", *(f"{self.host}:{n.port}" for n in self.nodes),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True, stdout=subprocess.DEVNULL, timeout=60)
         self.wait_ok(30)
