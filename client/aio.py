@@ -244,7 +244,13 @@ class AsyncClient:
     async def _sizing(self, kind: str, batch_size: int | None, in_flight: int | None,
                       lane: str | None = None, bulk: bool = True) -> Sizing:
         """Request sizes for ``kind`` on ``lane`` from the broker's ``info`` (or the caller's)."""
-        return Sizing.from_info(await self.info(), kind, items=batch_size, in_flight=in_flight,
+        info = await self.info()
+        brokers = 1
+        if self._routes is not None:
+            brokers = self._routes.count_up()
+            self._drain_soon()  # reading EVENTS may have taken a reply's edge
+        return Sizing.from_info(info, kind, items=batch_size, in_flight=in_flight,
+                                brokers=brokers,
                                 lane_name=lane, bulk=bulk)
 
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
@@ -370,6 +376,10 @@ class AsyncClient:
                 self._lost.discard(rid)
             if self._lost:
                 await asyncio.sleep(SEND_RETRY_S)
+
+    def _drain_soon(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon(self._drain)
 
     def _events(self, route: link.Route) -> int:
         """A DEALER's ``EVENTS``; when replies wait, a drain is scheduled (the read may have

@@ -82,14 +82,16 @@ class Sizing:
     @classmethod
     def from_info(cls, info: dict[str, Any], kind: str, *, items: int | None = None,
                   in_flight: int | None = None, lane_name: str | None = None,
-                  bulk: bool = True) -> Sizing:
+                  bulk: bool = True, brokers: int = 1) -> Sizing:
         """Requests that fill a forward pass, two per engine so the next one always waits.
 
         ``items`` and ``in_flight`` override what the broker suggests (``items`` is still
         capped by what the lane can take). ``lane_name``: the lane, when not the kind's
         usual one (a broker's own lanes, ``--lanes``). ``bulk``: sized for priority bulk,
         within the credits the broker lets bulk work take (``bulk_max_request_items``,
-        ``bulk_credits``; brokers without them: all).
+        ``bulk_credits``; brokers without them: all). ``brokers``: how many brokers the
+        client spreads over; ``info`` is one broker's, and each has its own share of the
+        engines' credits, so the default in-flight count is that many times one broker's.
         """
         if kind not in KIND_LANES:
             raise BadRequest(f"kind must be one of {sorted(KIND_LANES)}, not {kind!r}")
@@ -115,7 +117,7 @@ class Sizing:
         while size > 1 and 2 * size > largest:
             size = (size + 1) // 2
         size = min(items or size, largest)
-        flight = in_flight or max(1, credits // size)
+        flight = in_flight or max(1, credits // size) * max(1, brokers)
         return cls(size, _body_limit(limits), _item_limit(limits, kind), flight, lane.get("dim"))
 
 

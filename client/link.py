@@ -239,6 +239,10 @@ class Routes:
             del self.carried[rid]
         return out
 
+    def count_up(self) -> int:
+        """Routes up now (at least 1: sizing for none is sizing for the next one up)."""
+        return max(1, sum(1 for route in self.all if route.up()))
+
     def any_up(self, avoid: Collection[str] = ()) -> bool:
         """A route outside ``avoid`` is up now."""
         return any(route.up() for route in self.all if route.endpoint not in avoid)

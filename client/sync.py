@@ -244,6 +244,7 @@ class Client:
                 bulk: bool = True) -> Sizing:
         """Request sizes for ``kind`` from the broker's ``info`` (or the caller's)."""
         return Sizing.from_info(self.info(), kind, items=batch_size, in_flight=in_flight,
+                                brokers=self._open().count_up(),
                                 bulk=bulk)
 
     def _submit_piece(self, plan: BulkPlan, piece: Piece, normalize: bool, dtype: str,

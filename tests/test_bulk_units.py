@@ -57,6 +57,9 @@ def test_requests_fill_a_forward_pass_with_the_next_one_waiting() -> None:
     assert Sizing.from_info(info(), "text") == Sizing(32, 64 << 20, 100, 2, DIM)
     two = Sizing.from_info(info(engines=2), "text")
     assert (two.items, two.in_flight) == (32, 4)  # every engine of the lane kept busy
+    spread = Sizing.from_info(info(), "text", brokers=3)
+    assert (spread.items, spread.in_flight) == (32, 6)  # each broker has its own share
+    assert Sizing.from_info(info(), "text", in_flight=3, brokers=3).in_flight == 3
     assert Sizing.from_info(info(credits=16, batch=16), "image").items == 8
     assert Sizing.from_info(info(credits=16, batch=16), "image").item_bytes == 1000
     capped = Sizing.from_info(info(), "text", items=500, in_flight=3)

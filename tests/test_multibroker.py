@@ -83,6 +83,10 @@ def test_requests_spread_over_brokers_and_survive_one_dying(two: tuple[Stack, St
         before = served(a), served(b)
         asyncio.run(spread_async())
         assert served(a) >= before[0] + 3 and served(b) >= before[1] + 3
+        # Bulk embedding spreads too, sized for both brokers' shares.
+        before = served(a), served(b)
+        assert c.embed_many([f"bulk {i}" for i in range(200)]).shape == (200, 384)
+        assert served(a) > before[0] and served(b) > before[1]
         # Many requests in flight, then one broker is killed: every one is answered once.
         # (48 items: what either broker's engine holds alone, so a resubmission fits.)
         texts = [[f"failover {i} item {k}" for k in range(8)] for i in range(6)]
