@@ -257,14 +257,11 @@ class RedisClusterCache:
         candidates = list(dict.fromkeys([*known, *(f"{h}:{p}" for h, p in self.seeds.nodes)]))
         for node in candidates:
             try:
-                reply = self._writer_client(node).execute_command("CLUSTER SLOTS")
+                owners = slot_owners(self._writer_client(node), node)
             except Exception:
                 continue
             topo = Topology()
-            for entry in reply:
-                first, last, master = int(entry[0]), int(entry[1]), entry[2]
-                host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
-                addr = f"{host or node.rsplit(':', 1)[0]}:{int(master[1])}"
+            for first, last, addr in owners:
                 topo.owner[first:last + 1] = [addr] * (last + 1 - first)
                 topo.slots[addr] = topo.slots.get(addr, 0) + last + 1 - first
             old = self.topology.clients
@@ -310,6 +307,36 @@ class RedisClusterCache:
         for clients in (self.topology.clients, self._writer_clients):
             for client in clients.values():
                 client.close()
+
+
+def slot_owners(client: Any, node: str) -> list[tuple[int, int, str]]:
+    """``CLUSTER SLOTS`` from ``client`` (reached as ``node``): (first, last, master
+    host:port) ranges. A master announced without a host is at ``node``'s host."""
+    out = []
+    for entry in client.execute_command("CLUSTER SLOTS"):
+        first, last, master = int(entry[0]), int(entry[1]), entry[2]
+        host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+        out.append((first, last, f"{host or node.rsplit(':', 1)[0]}:{int(master[1])}"))
+    return out
+
+
+def master_clients(url: str, timeout_s: float = 5.0) -> list[Any]:
+    """A client for each master of the cluster at ``url`` (for tools that SCAN every
+    master: ``zembed cache stats`` and ``purge``); ConnectionError when no seed answers."""
+    seeds = parse_url(url)
+    errors = []
+    for host, port in seeds.nodes:
+        opts: dict[str, Any] = {"ssl": seeds.tls, "username": seeds.username,
+                                "password": seeds.password}
+        try:
+            seed = redis_client(host=host, port=port, timeout_s=timeout_s, **opts)
+            masters = sorted({addr for _, _, addr in slot_owners(seed, f"{host}:{port}")})
+        except Exception as exc:
+            errors.append(f"{host}:{port}: {exc}")
+            continue
+        return [redis_client(host=a.rsplit(":", 1)[0], port=int(a.rsplit(":", 1)[1]),
+                             timeout_s=timeout_s, **opts) for a in masters]
+    raise ConnectionError("no cluster seed answered: " + "; ".join(errors))
 
 
 def _chunks(pairs: list[tuple[int, bytes]], size: int) -> list[list[tuple[int, bytes]]]:

@@ -166,6 +166,16 @@ def test_brokers_share_the_cluster_cache_and_a_new_broker_hits_before_any_engine
                 time.sleep(0.2)
         assert hit.cached == 2
         assert (hit.vectors == first.vectors).all()
+    # zembed cache stats and purge visit every master of the cluster.
+    from zembed.tools import cachetool
+
+    masters = cachetool.redis_clients(cluster.url)
+    assert len(masters) == 3
+    usage = cachetool.redis_usage(masters, "zembed")
+    assert usage["nodes"] == 3 and usage["keys"] >= 2
+    assert {g["kind"] for g in usage["groups"]} == {"text"}
+    assert cachetool.purge(masters, "zembed", "text", None) == usage["keys"]
+    assert cachetool.redis_usage(masters, "zembed")["keys"] == 0
 
 
 def test_a_master_killed_under_load_fails_no_request(

@@ -20,10 +20,16 @@ SCAN_COUNT = 1000
 MEMORY_SAMPLES = 50
 
 
-def redis_client(url: str) -> Any:
+def redis_clients(url: str) -> list[Any]:
+    """One client for plain Redis; one per master for ``redis+cluster://`` (SCAN walks one
+    node's keys only, so stats and purge visit every master)."""
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        from zembed.cache.cluster import master_clients
+
+        return master_clients(url)
     import redis
 
-    return redis.Redis.from_url(url, socket_timeout=5)
+    return [redis.Redis.from_url(url, socket_timeout=5)]
 
 
 def scan_keys(client: Any, pattern: str) -> Iterator[bytes]:
@@ -31,31 +37,40 @@ def scan_keys(client: Any, pattern: str) -> Iterator[bytes]:
     yield from client.scan_iter(match=pattern, count=SCAN_COUNT)
 
 
-def redis_usage(client: Any, prefix: str) -> dict[str, Any]:
-    """Keys and estimated bytes per kind and fingerprint under ``prefix``."""
+def redis_usage(clients: list[Any], prefix: str) -> dict[str, Any]:
+    """Keys and estimated bytes per kind and fingerprint under ``prefix``, over every node
+    (``used_memory`` and ``maxmemory`` summed; ``nodes`` how many were read)."""
     counts: Counter[tuple[str, str]] = Counter()
-    samples: dict[tuple[str, str], list[bytes]] = {}
-    for key in scan_keys(client, f"{prefix}:{KEY_VERSION}:*"):
-        parts = key.decode(errors="replace").split(":")
-        if len(parts) < 7:
-            continue
-        group = (parts[2], parts[3])
-        counts[group] += 1
-        bucket = samples.setdefault(group, [])
-        if len(bucket) < MEMORY_SAMPLES:
-            bucket.append(key)
-    groups = []
-    for (kind, fingerprint), n in sorted(counts.items()):
-        sizes = [client.memory_usage(k) or 0 for k in samples[(kind, fingerprint)]]
-        per_key = sum(sizes) / len(sizes) if sizes else 0
-        groups.append({"kind": kind, "fingerprint": fingerprint, "keys": n,
-                       "bytes_estimate": int(per_key * n)})
-    info = client.info("memory")
+    estimate: Counter[tuple[str, str]] = Counter()
+    used = maxmemory = 0
+    policy = None
+    for client in clients:
+        node_counts: Counter[tuple[str, str]] = Counter()
+        samples: dict[tuple[str, str], list[bytes]] = {}
+        for key in scan_keys(client, f"{prefix}:{KEY_VERSION}:*"):
+            parts = key.decode(errors="replace").split(":")
+            if len(parts) < 7:
+                continue
+            group = (parts[2], parts[3])
+            node_counts[group] += 1
+            bucket = samples.setdefault(group, [])
+            if len(bucket) < MEMORY_SAMPLES:
+                bucket.append(key)
+        for group, n in node_counts.items():
+            sizes = [client.memory_usage(k) or 0 for k in samples[group]]
+            estimate[group] += int(sum(sizes) / len(sizes) * n) if sizes else 0
+        counts.update(node_counts)
+        info = client.info("memory")
+        used += int(info.get("used_memory") or 0)
+        maxmemory += int(info.get("maxmemory") or 0)
+        policy = policy or info.get("maxmemory_policy")
+    groups = [{"kind": kind, "fingerprint": fingerprint, "keys": n,
+               "bytes_estimate": estimate[(kind, fingerprint)]}
+              for (kind, fingerprint), n in sorted(counts.items())]
     return {"groups": groups, "keys": sum(counts.values()),
             "bytes_estimate": sum(g["bytes_estimate"] for g in groups),
-            "redis_used_memory": info.get("used_memory"),
-            "redis_maxmemory": info.get("maxmemory"),
-            "redis_maxmemory_policy": info.get("maxmemory_policy")}
+            "redis_used_memory": used, "redis_maxmemory": maxmemory,
+            "redis_maxmemory_policy": policy, "nodes": len(clients)}
 
 
 def broker_cache_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -72,18 +87,28 @@ def broker_cache_stats(stats: dict[str, Any]) -> dict[str, Any]:
     return {"kinds": kinds, "backend": stats.get("cache", {})}
 
 
-def purge(client: Any, prefix: str, kind: str | None, fingerprint: str | None) -> int:
-    """Delete (UNLINK) every key of ``kind`` and/or ``fingerprint``; returns how many."""
+def purge(clients: list[Any], prefix: str, kind: str | None, fingerprint: str | None) -> int:
+    """Delete (UNLINK) every key of ``kind`` and/or ``fingerprint`` on every node; returns
+    how many. Keys go one UNLINK each in a pipeline (a cluster refuses one UNLINK of keys in
+    several slots), a batch per SCAN step."""
     deleted = 0
-    batch: list[bytes] = []
-    for key in scan_keys(client, fingerprint_pattern(prefix, kind, fingerprint)):
-        batch.append(key)
-        if len(batch) >= SCAN_COUNT:
-            deleted += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
+    for client in clients:
+        batch: list[bytes] = []
+        for key in scan_keys(client, fingerprint_pattern(prefix, kind, fingerprint)):
+            batch.append(key)
+            if len(batch) >= SCAN_COUNT:
+                deleted += _unlink(client, batch)
+                batch.clear()
+        if batch:
+            deleted += _unlink(client, batch)
     return deleted
+
+
+def _unlink(client: Any, keys: list[bytes]) -> int:
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.unlink(key)
+    return sum(int(n) for n in pipe.execute())
 
 
 def read_inputs(path: Path) -> Iterator[str]:

@@ -514,7 +514,8 @@ def _redis_url(config_file: str | None, redis_url: str | None) -> str:
     if redis_url:
         return redis_url
     spec = cfgmod.load(cfgmod.BrokerConfig, config_file=config_file).cache
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                        "rediss+cluster://")):
         return spec
     if spec == "auto":
         return "redis://127.0.0.1:6379/0"
@@ -522,7 +523,8 @@ def _redis_url(config_file: str | None, redis_url: str | None) -> str:
 
 
 _redis_option = click.option("--redis", "redis_url", default=None,
-                             help="Redis URL (default: the broker config's cache).")
+                             help="Redis URL, or redis+cluster://seeds for every master of a "
+                                  "cluster (default: the broker config's cache).")
 _prefix_option = click.option("--prefix", default=None, help="Key prefix (default: config's).")
 
 
@@ -547,7 +549,7 @@ def cache_stats(redis_url: str | None, prefix: str | None, as_json: bool,
     prefix = prefix or cfgmod.load(cfgmod.BrokerConfig, config_file=config_file).cache_prefix
     try:
         out["redis"] = cachetool.redis_usage(
-            cachetool.redis_client(_redis_url(config_file, redis_url)), prefix)
+            cachetool.redis_clients(_redis_url(config_file, redis_url)), prefix)
     except ModuleNotFoundError as exc:  # a client-only install: the broker's half still works
         if (exc.name or "").split(".")[0] != "redis":
             raise
@@ -590,8 +592,8 @@ def cache_purge(kind: str | None, fingerprint: str | None, purge_all: bool,
     if not (kind or fingerprint or purge_all):
         raise click.UsageError("say what to purge: --kind, --model, or --all")
     prefix = prefix or cfgmod.load(cfgmod.BrokerConfig, config_file=config_file).cache_prefix
-    client = cachetool.redis_client(_redis_url(config_file, redis_url))
-    click.echo(f"deleted {cachetool.purge(client, prefix, kind, fingerprint)} key(s)")
+    clients = cachetool.redis_clients(_redis_url(config_file, redis_url))
+    click.echo(f"deleted {cachetool.purge(clients, prefix, kind, fingerprint)} key(s)")
 
 
 @cache.command("warm")
