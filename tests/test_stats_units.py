@@ -315,3 +315,17 @@ def test_grafana_dashboard_uses_documented_metrics() -> None:
                                m.removesuffix("_bucket") not in documented)
     assert {"zembed_requests_total", "zembed_request_duration_seconds_bucket",
             "zembed_cache_hits_total", "zembed_engine_credits"} <= used
+
+
+def test_dashboard_shows_brokers_served_and_cluster_masters() -> None:
+    engine = {"id": "e1", "credits_free": 10, "credits_total": 21, "items_in_flight": 11,
+              "heartbeat_age_s": 0.1, "fingerprint": "fp", "alive": True,
+              "brokers": ["tcp://a:5556", "tcp://b:5556", "tcp://c:5556"], "serving": 2}
+    assert "serves 2 of 3 brokers" in dashboard.engine_line(engine)
+    assert "serves" not in dashboard.engine_line({**engine, "brokers": ["tcp://a:5556"]})
+    snap = {"broker": {}, "lanes": {}, "uptime_s": 1.0, "cache": {
+        "backend": "redis-cluster", "up": True,
+        "nodes": [{"node": "a:7000", "slots": 5461, "up": True},
+                  {"node": "b:7000", "slots": 5462, "up": False},
+                  {"node": "c:7000", "slots": 5461, "up": True}]}}
+    assert "redis-cluster 2/3 masters up" in "\n".join(dashboard.header_lines(snap, "x"))

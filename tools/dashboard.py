@@ -88,6 +88,9 @@ def header_lines(snap: dict[str, Any], where: str) -> list[str]:
     loop = broker.get("loop", {})
     cache = snap.get("cache", {})
     cache_text = cache.get("backend", "?") + ("" if cache.get("up", True) else " DOWN")
+    nodes = cache.get("nodes")
+    if isinstance(nodes, list) and nodes:  # Redis Cluster: masters answering / all
+        cache_text += f" {sum(1 for n in nodes if n.get('up'))}/{len(nodes)} masters up"
     ready = "ready" if broker.get("ready") else \
         "NOT READY (missing: " + ", ".join(broker.get("missing", [])) + ")"
     return [
@@ -132,6 +135,9 @@ def engine_line(e: dict[str, Any]) -> str:
     control = e.get("adaptive")
     if isinstance(control, dict):
         flags += f"  limit {control.get('limit')} ({control.get('cuts', 0)} cuts)"
+    brokers = e.get("brokers") or []
+    if len(brokers) > 1:
+        flags += f"  serves {e.get('serving', '?')} of {len(brokers)} brokers"
     sizing = e.get("sizing")
     if isinstance(sizing, dict):
         flags += (f"  sized: batch {sizing.get('max_batch')}, {sizing.get('credits')} credits,"
