@@ -56,7 +56,7 @@ class AsyncClient:
                  timeout: float = 10.0,
                  retries: int | None = None, backoff: float = 0.05,
                  ctx: zmq.asyncio.Context | None = None, curve_secret_key: str = "",
-                 curve_server_key: str = "") -> None:
+                 curve_server_key: str = "", heartbeat_ms: int = link.HEARTBEAT_IVL_MS) -> None:
         self.endpoints = link.endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
@@ -70,7 +70,7 @@ class AsyncClient:
             return zmq.Socket(context, kind)
 
         self._routes: link.Routes | None = link.Routes(self.endpoints, make, curve_secret_key,
-                                                       curve_server_key)
+                                                       curve_server_key, heartbeat_ms)
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop that reads the sockets
         self._fds: list[int] = []  # descriptors the loop watches
         self._futures: dict[int, asyncio.Future[tuple[dict[str, Any], bytes]]] = {}

@@ -23,7 +23,8 @@ drop (``EVENT_DISCONNECTED``) and every new connection (``EVENT_HANDSHAKE_SUCCEE
 one means the earlier one is gone, and what was sent on it is lost even if its drop was not
 seen in time (:class:`LinkEvents`). A broker process that dies has its connections closed by
 the kernel at once; ZMTP heartbeats (PING/PONG, RFC 37) turn a *silent* peer (host down, link
-cut) into a closed connection within ``HEARTBEAT_TIMEOUT_MS``, so that case is noticed too.
+cut) into a closed connection within 3 heartbeat periods (the clients' ``heartbeat_ms``, 1 s by
+default), so that case is noticed too.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ from zmq.utils.monitor import parse_monitor_message
 from zembed.errors import DeadlineExceeded, EngineUnavailable, Overloaded, ZembedError
 from zembed.security import arm_client
 
-#: ZMTP PING period on an otherwise idle connection.
+#: ZMTP PING period on an otherwise idle connection (the clients' ``heartbeat_ms`` default).
 HEARTBEAT_IVL_MS = 1000
-#: A connection with no traffic (not even a PONG) for this long is closed and redialled.
-HEARTBEAT_TIMEOUT_MS = 3000
+#: A connection with no traffic (not even a PONG) for this many periods is closed and
+#: redialled, and what it carried is resent elsewhere.
+HEARTBEAT_PERIODS = 3
+#: The default: 3 s from a silent broker to resubmission.
+HEARTBEAT_TIMEOUT_MS = HEARTBEAT_IVL_MS * HEARTBEAT_PERIODS
+#: Shortest heartbeat period a client accepts, ms.
+MIN_HEARTBEAT_MS = 10
 
 #: Makes a plain (not asyncio) socket of a type in the client's context.
 SocketFactory = Callable[[int], "zmq.Socket[Any]"]
@@ -59,15 +65,16 @@ def endpoints(spec: str | Sequence[str]) -> list[str]:
     return out
 
 
-def configure(sock: zmq.Socket[Any], curve_secret_key: str, curve_server_key: str) -> None:
+def configure(sock: zmq.Socket[Any], curve_secret_key: str, curve_server_key: str,
+              heartbeat_ms: int = HEARTBEAT_IVL_MS) -> None:
     """Options every client DEALER gets before it connects."""
     sock.setsockopt(zmq.LINGER, 0)
     # Do not park requests on a connection that is not up: a send fails at once (EAGAIN) and
     # the client tries another broker, or waits for one, bounded by the request's timeout.
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * HEARTBEAT_PERIODS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_ms * HEARTBEAT_PERIODS)
     arm_client(sock, curve_secret_key, curve_server_key)
 
 
@@ -133,11 +140,11 @@ class Route:
     """One broker: its DEALER, the DEALER's monitor and what the monitor said."""
 
     def __init__(self, endpoint: str, make: SocketFactory, curve_secret_key: str,
-                 curve_server_key: str) -> None:
+                 curve_server_key: str, heartbeat_ms: int = HEARTBEAT_IVL_MS) -> None:
         self.endpoint = endpoint
         self.sock = make(zmq.DEALER)
         try:
-            configure(self.sock, curve_secret_key, curve_server_key)
+            configure(self.sock, curve_secret_key, curve_server_key, heartbeat_ms)
             self.monitor = open_monitor(self.sock, make)
         except BaseException:
             self.sock.close(linger=0)
@@ -173,12 +180,17 @@ class Routes:
     """
 
     def __init__(self, spec: str | Sequence[str], make: SocketFactory,
-                 curve_secret_key: str = "", curve_server_key: str = "") -> None:
+                 curve_secret_key: str = "", curve_server_key: str = "",
+                 heartbeat_ms: int = HEARTBEAT_IVL_MS) -> None:
+        if not isinstance(heartbeat_ms, int) or heartbeat_ms < MIN_HEARTBEAT_MS:
+            raise ValueError(f"heartbeat_ms must be an integer of at least {MIN_HEARTBEAT_MS}, "
+                             f"got {heartbeat_ms!r}")
         self.endpoints = endpoints(spec)
         self.all: list[Route] = []
         try:
             for endpoint in self.endpoints:
-                self.all.append(Route(endpoint, make, curve_secret_key, curve_server_key))
+                self.all.append(Route(endpoint, make, curve_secret_key, curve_server_key,
+                                      heartbeat_ms))
             for route in self.all:
                 route.connect()
         except BaseException:  # bad keys, bad endpoint: leave no socket behind

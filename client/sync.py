@@ -79,12 +79,15 @@ class Client:
     :param ctx: ZeroMQ context (the process-wide instance by default).
     :param curve_secret_key: CurveZMQ: this client's ``.key_secret`` file (``zembed keygen``).
     :param curve_server_key: CurveZMQ: the broker's public ``.key`` file. Both or neither.
+    :param heartbeat_ms: ZMTP heartbeat period on each broker connection: a broker silent for
+        3 periods (host down, link cut) is given up and its requests are resent to another.
+        Shorter notices sooner, at a PING per period per broker.
     """
 
     def __init__(self, endpoint: str | Sequence[str] = p.DEFAULT_FRONTEND, *,
                  timeout: float = 10.0, retries: int | None = None, backoff: float = 0.05,
                  ctx: zmq.Context[Any] | None = None, curve_secret_key: str = "",
-                 curve_server_key: str = "") -> None:
+                 curve_server_key: str = "", heartbeat_ms: int = link.HEARTBEAT_IVL_MS) -> None:
         self.endpoints = link.endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
         self.timeout = timeout
@@ -92,7 +95,7 @@ class Client:
         self.backoff = backoff
         self._routes: link.Routes | None = link.Routes(
             self.endpoints, (ctx or zmq.Context.instance()).socket, curve_secret_key,
-            curve_server_key)
+            curve_server_key, heartbeat_ms)
         self._replies: dict[int, tuple[dict[str, Any], bytes]] = {}
         self._waiting: dict[int, Pending] = {}
         self._lost: dict[int, Pending] = {}  # sent on a connection that dropped: send again

@@ -95,7 +95,8 @@ class Gateway:
         """
         self.client = AsyncClient(self.cfg.broker, timeout=self.cfg.timeout_s, retries=0,
                                   curve_secret_key=self.cfg.curve_secret_key,
-                                  curve_server_key=self.cfg.curve_server_key)
+                                  curve_server_key=self.cfg.curve_server_key,
+                                  heartbeat_ms=self.cfg.heartbeat_ms)
         deadline = time.monotonic() + CONNECT_WAIT_S
         while not self.client.connected and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

@@ -48,6 +48,25 @@ def test_a_first_connection_is_no_loss_and_a_drop_marks_the_route_down() -> None
     assert events.connections == 2
 
 
+def test_heartbeat_period_is_the_clients_to_choose() -> None:
+    import zmq.asyncio
+
+    with Client("tcp://127.0.0.1:1,tcp://127.0.0.1:2", heartbeat_ms=250) as c:
+        assert c._routes is not None
+        for route in c._routes.all:
+            assert route.sock.getsockopt(zmq.HEARTBEAT_IVL) == 250
+            assert route.sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 750  # 3 silent periods
+    with Client("tcp://127.0.0.1:1") as c:  # the default: 1 s, given up after 3 s
+        assert c._routes is not None
+        assert c._routes.all[0].sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 3000
+    for bad in (0, 5, 2.5):
+        with pytest.raises(ValueError, match="heartbeat_ms"):
+            Client("tcp://127.0.0.1:1", heartbeat_ms=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="heartbeat_ms"):
+            AsyncClient("tcp://127.0.0.1:1", heartbeat_ms=bad,  # type: ignore[arg-type]
+                        ctx=zmq.asyncio.Context.instance())
+
+
 @pytest.fixture
 def two(stack_factory: Callable[[], Stack]) -> tuple[Stack, Stack]:
     stacks = []

@@ -140,7 +140,7 @@ def _client(config_file: str | None, flags: dict[str, Any]) -> Any:
 
     cfg = cfgmod.load(cfgmod.ClientConfig, config_file=config_file, flags=flags)
     return Client(cfg.endpoint, timeout=cfg.timeout_s, curve_secret_key=cfg.curve_secret_key,
-                  curve_server_key=cfg.curve_server_key)
+                  curve_server_key=cfg.curve_server_key, heartbeat_ms=cfg.heartbeat_ms)
 
 
 @main.group()

@@ -33,6 +33,9 @@ _SHARED_OPTS: dict[str, tuple[Any, str]] = {
     "broker": (p.DEFAULT_BACKEND, "Broker backend endpoint to connect to; several brokers "
                "comma-separated: the engine serves them all, its credits split between them."),
     "device": ("auto", "auto, cpu, cuda or cuda:N."),
+    "client_heartbeat_ms": (1000, "ZMTP heartbeat period on each broker connection, ms: a "
+                            "broker silent for 3 periods is given up and its requests resent "
+                            "to another."),
     "dtype": ("auto", "auto, fp32, bf16 or fp16 for the forward pass (auto: bf16 where native)."),
     "threads": (
         0, "torch intra-op threads; 0 = available cores minus one (one left for socket work)."
@@ -272,6 +275,7 @@ class ClientConfig:
         "comma-separated (requests are spread over those up, and fail over)."
     )
     timeout_s: float = _opt(10.0, "Deadline of each request, s.")
+    heartbeat_ms: int = _shared_opt("client_heartbeat_ms")
     curve_secret_key: str = _shared_opt("curve_secret_key")
     curve_server_key: str = _shared_opt("curve_server_key")
     stats_endpoint: str = _opt(
@@ -290,6 +294,7 @@ class GatewayConfig:
         "comma-separated."
     )
     listen: str = _opt("127.0.0.1:8080", "HOST:PORT the HTTP server binds (loopback by default).")
+    heartbeat_ms: int = _shared_opt("client_heartbeat_ms")
     workers: int = _opt(1, "Worker processes, each with its own broker connection.")
     timeout_s: float = _opt(
         30.0, "Longest a request waits for all its vectors (a split one included); 504 after, s."
