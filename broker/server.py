@@ -358,6 +358,11 @@ class Broker:
         log.info("engine %s joined lane %s: %s dim=%d credits=%d", identity.hex(), engine.lane,
                  engine.info.get("model"), engine.dim, engine.credits_total)
         self.lane_records.publish(engine.lane, self.state.models[engine.lane])
+        # Acknowledge at once: an engine gives up a connection it has not heard on within its
+        # liveness period, and a READY that a slow (re)connect delivered late would otherwise
+        # be heard from only a heartbeat interval later, perhaps after the engine gave up.
+        if not self.send_engine(identity, p.HEARTBEAT):
+            self.engine_lost(identity, "unreachable")
         if engine.lane not in p.LANE_KINDS:
             # A lane of the operator's own (a second text model, say) serves the kinds its
             # engines announce, besides its own name.

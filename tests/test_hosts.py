@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Proc
+from conftest import Proc, wait_until
 from hosts import Hosts, netns_available
 from rediscluster import RedisCluster
 
@@ -157,7 +157,12 @@ def test_three_hosts_lose_one_host_and_one_broker_and_every_call_is_answered(
         calls, _ = asyncio.run(steady_load(fronts, 4, "mended"))
         after = [site.served(i) for i in (1, 2, 3)]
         assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
-        assert all(e["credits_total"] in (21, 22) for e in site.engines_at(1))
+
+        def even() -> bool:  # 64 credits split over 3 brokers again, once all are heard
+            engines = site.engines_at(1)
+            return len(engines) == 3 and all(e["credits_total"] in (21, 22) for e in engines)
+
+        wait_until(even, 30)
     finally:
         site.stop()
         cluster.stop()

@@ -222,3 +222,32 @@ def test_one_engine_serves_two_brokers_and_moves_its_credits_to_the_survivor(
     wait_for(lambda: credits_are(a, 32, 2) and credits_are(b, 32, 2), 30, "the split again")
     with b.client() as cb:
         assert cb.embed_texts(["b is back"]).shape == (1, 384)
+
+
+def test_the_broker_acknowledges_ready_at_once(stack_factory: Callable[[], Stack]) -> None:
+    """A READY is answered with a HEARTBEAT straight away, not a heartbeat interval (1 s)
+    later: an engine whose READY arrived late in its liveness period hears in time."""
+    import msgpack
+
+    from zembed import protocol as p
+
+    stack = stack_factory()
+    stack.start_broker()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(stack.backend)
+        with stack.client(timeout=10) as c:
+            c.ping()  # the broker is up
+        ready = {"version": p.ENGINE_PROTO_VERSION, "lane": "text", "kinds": ["text"],
+                 "fingerprint": "fp-ack", "dim": 4, "credits": 4, "max_batch": 4,
+                 "heartbeat_ms": 1000}
+        t0 = time.monotonic()
+        sock.send_multipart([p.ENGINE_PROTO, p.READY, msgpack.packb(ready)])
+        assert sock.poll(500, zmq.POLLIN), "no answer to READY within 0.5 s"
+        frames = sock.recv_multipart()
+        assert frames[:2] == [p.ENGINE_PROTO, p.HEARTBEAT]
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        sock.close(0)
