@@ -64,11 +64,10 @@ class AimdLimit:
     wanted: bool = False  # a request was refused under this limit since the last reply
 
     def __post_init__(self) -> None:
-        self.floor = max(1, min(self.floor, self.ceiling))
         self.step = max(1, self.step)
         if self.value <= 0:
             self.value = float(self.ceiling)  # a caller that gives no start: the ceiling
-        self.value = min(max(self.value, self.floor), self.ceiling)
+        self.rebound(self.ceiling, self.floor)
 
     @property
     def limit(self) -> int:

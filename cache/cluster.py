@@ -135,12 +135,19 @@ class RedisClusterCache:
             if i and now + self.chunk_s > deadline:
                 self.reads_cut += sum(len(c) for _, c in work[i:])
                 break
-            breaker = self.breakers.setdefault(node, Breaker(f"redis cluster node {node}"))
+            breaker = self._breaker(node)
             if not breaker.allow(now):
                 self.read_failed = True
                 continue
             self._read_chunk(topo.clients[node], breaker, chunk, out, now)
         return out
+
+    def _breaker(self, node: str) -> Breaker:
+        """``node``'s breaker, made on first use (not one per chunk, as setdefault would)."""
+        breaker = self.breakers.get(node)
+        if breaker is None:
+            breaker = self.breakers[node] = Breaker(f"redis cluster node {node}")
+        return breaker
 
     def _read_chunk(self, client: Any, breaker: Breaker, chunk: list[tuple[int, bytes]],
                     out: list[bytes | None], now: float) -> None:
@@ -230,8 +237,7 @@ class RedisClusterCache:
                         self._stale.set()
             except Exception as exc:
                 self.errors += 1
-                self.breakers.setdefault(node, Breaker(f"redis cluster node {node}")).failed(
-                    time.monotonic(), exc)
+                self._breaker(node).failed(time.monotonic(), exc)
                 self._stale.set()
 
     def _probe(self) -> None:

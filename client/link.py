@@ -46,8 +46,6 @@ HEARTBEAT_IVL_MS = 1000
 #: A connection with no traffic (not even a PONG) for this many periods is closed and
 #: redialled, and what it carried is resent elsewhere.
 HEARTBEAT_PERIODS = 3
-#: The default: 3 s from a silent broker to resubmission.
-HEARTBEAT_TIMEOUT_MS = HEARTBEAT_IVL_MS * HEARTBEAT_PERIODS
 #: Shortest heartbeat period a client accepts, ms.
 MIN_HEARTBEAT_MS = 10
 
@@ -150,8 +148,6 @@ class Route:
             self.sock.close(linger=0)
             raise
         self.events = LinkEvents()
-        #: Requests sent on this route since its last loss (observability, tests).
-        self.sent = 0
 
     def connect(self) -> None:
         self.sock.connect(self.endpoint)
@@ -223,7 +219,6 @@ class Routes:
             except zmq.Again:  # not connected, or its queue is full: the next one
                 continue
             self.carried[rid] = route
-            route.sent += 1
             return route
         return None
 

@@ -31,6 +31,7 @@ import zmq
 
 from zembed import __version__
 from zembed import protocol as p
+from zembed.client.link import endpoints
 from zembed.engines.batching import Job, JobQueue
 from zembed.engines.compute import BatchRunner, Outcome
 from zembed.engines.model import EmbeddingModel
@@ -114,7 +115,7 @@ class EngineRuntime:
         """The socket thread: broker traffic, heartbeats, reconnects, reply forwarding, for
         every broker this engine serves (a :class:`Link` each)."""
         interval = self.s.heartbeat_interval_ms / 1000
-        links = [Link(endpoint) for endpoint in broker_endpoints(self.s.broker)]
+        links = [Link(endpoint) for endpoint in endpoints(self.s.broker)]
         self.links = links
         now = time.monotonic()
         for link in links:
@@ -309,7 +310,6 @@ class EngineRuntime:
             for link in links:
                 if link.generation == generation and link.sock is not None:
                     self._send(link, frames)
-                    link.last_sent = now
                     break
 
     def _send(self, link: Link, frames: list[Any]) -> None:
@@ -392,14 +392,6 @@ class Link:
     last_sent: float = 0.0
     retry_at: float = 0.0  # while sock is None: redial then
     backoff: float = p.RECONNECT_MIN_MS / 1000
-
-
-def broker_endpoints(spec: str) -> list[str]:
-    """The brokers an engine serves: one endpoint, or several comma-separated (no repeats)."""
-    out = list(dict.fromkeys(e.strip() for e in spec.split(",") if e.strip()))
-    if not out:
-        raise ValueError(f"no broker endpoint in {spec!r}")
-    return out
 
 
 def credit_shares(credits: int, brokers: int) -> list[int]:

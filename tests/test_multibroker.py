@@ -157,16 +157,16 @@ def test_a_429_goes_to_another_broker_with_room_before_backing_off(
 
 
 def test_credit_shares_split_evenly_and_never_starve_a_broker() -> None:
-    from zembed.engines.runtime import broker_endpoints, credit_shares
+    from zembed.engines.runtime import credit_shares
 
     assert credit_shares(64, 1) == [64]
     assert credit_shares(64, 2) == [32, 32]
     assert credit_shares(64, 3) == [22, 21, 21] and sum(credit_shares(64, 3)) == 64
     assert credit_shares(1, 2) == [1, 1]  # fewer credits than brokers: overcommit, not starve
     assert credit_shares(8, 0) == [8]
-    assert broker_endpoints(" tcp://a:1,tcp://b:2,tcp://a:1 ") == ["tcp://a:1", "tcp://b:2"]
+    assert endpoints(" tcp://a:1,tcp://b:2,tcp://a:1 ") == ["tcp://a:1", "tcp://b:2"]
     with pytest.raises(ValueError, match="no broker endpoint"):
-        broker_endpoints(" , ")
+        endpoints(" , ")
 
 
 def engine_view(stack: Stack) -> dict[str, object] | None:
